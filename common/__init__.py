@@ -1,0 +1,1 @@
+"""Small shared infrastructure: user-facing errors and atomic, manifested artifacts."""

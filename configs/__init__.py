@@ -1,0 +1,103 @@
+"""Named configs: `configs/<name>.py` defines `get_config()`; dotted overrides edit it.
+
+    cfg = configs.load("retro_small", ["train.steps=10", "model.dtype=bfloat16"])
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from typing import Sequence
+
+import ml_collections
+
+from common.errors import UserError
+
+_NOT_CONFIGS = {"base"}
+
+
+def names() -> list[str]:
+  """All named configs in this package."""
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_CONFIGS)
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+  """The config `configs/<name>.py:get_config()`; UserError for an unknown name."""
+  if name not in names():
+    raise UserError(f"unknown config {name!r}; choose one of: {', '.join(names())} "
+                    f"(files in configs/)")
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare string
+
+
+def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
+  """Applies one `a.b.c=value` override in place; UserError on unknown field or bad type."""
+  key, sep, raw = override.partition("=")
+  key = key.strip().removeprefix("--config.").removeprefix("config.")
+  if not sep or not key:
+    raise UserError(f"override {override!r} is not of the form --config.field=value")
+  *parents, leaf = key.split(".")
+  node = cfg
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise UserError(f"config has no section {'.'.join(parents[:i + 1])!r} "
+                      f"(in override {override!r}); see configs/base.py for the fields")
+    node = node[part]
+  if leaf not in node:
+    raise UserError(f"config has no field {key!r}; fields here: {', '.join(sorted(node.keys()))}")
+  old = node[leaf]
+  value = _parse_value(raw)
+  if isinstance(old, tuple) and isinstance(value, (list, int)):
+    value = tuple(value) if isinstance(value, list) else (value,)
+  if isinstance(old, str) and not isinstance(value, str):
+    value = raw
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if type(old) is not type(value):
+    raise UserError(f"--config.{key}={raw!r}: expected {type(old).__name__} "
+                    f"(current value {old!r}), got {type(value).__name__}")
+  node[leaf] = value
+
+
+def load(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The named config with overrides applied, locked against new fields."""
+  cfg = get_config(name)
+  for override in overrides:
+    apply_override(cfg, override)
+  cfg.lock()
+  return cfg
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a saved (resolved) config: its named config with the saved values on top.
+
+  JSON turns tuples into lists; they are turned back by the type of the named default.
+  """
+  import json
+
+  saved = json.loads(text)
+  cfg = get_config(saved["name"]) if saved.get("name") in names() else \
+      importlib.import_module("configs.base").base_config()
+
+  def merge(node: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and isinstance(node[key],
+                                                                  ml_collections.ConfigDict):
+        merge(node[key], value)
+      elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
+        node[key] = tuple(value)
+      elif key in node:
+        node[key] = type(node[key])(value) if isinstance(node[key], float) else value
+      else:
+        node[key] = value
+
+  merge(cfg, saved)
+  cfg.lock()
+  return cfg

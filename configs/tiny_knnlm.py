@@ -1,0 +1,10 @@
+"""Tiny knnlm for tests: seconds per step on a CPU."""
+
+from configs import base
+
+
+def get_config():
+  c = base.tiny(base.base_config())
+  c.name = "tiny_knnlm"
+  c.model.name = "knnlm"
+  return c

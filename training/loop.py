@@ -1,0 +1,249 @@
+"""The training loop behind `train.py`: artifacts -> state -> steps -> checkpoints -> eval.
+
+    metrics = train_and_evaluate(configs.load("tiny_retro"), "/tmp/run")
+
+Batches are a pure function of (seed, step), so a checkpoint's step is the data position
+and a rerun in the same workdir resumes exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+import models
+from common.artifacts import atomic_write_text
+from common.errors import UserError
+from retrieval import build, dataset, neighbours
+from training import checkpoint, metrics as metrics_lib, sharding
+from training.state import abstract_train_state, create_train_state
+from training.step import make_train_step
+
+HOST_ONLY_KEYS = ("index",)  # batch entries for the host (citations), never sent to devices
+
+
+def device_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                 drop: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  """The model's part of a host batch, split over the mesh's batch axes."""
+  keep = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS and k not in drop}
+  return sharding.shard_batch(keep, mesh)
+
+
+def train_batch(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
+                step: int) -> dict[str, np.ndarray]:
+  """Training batch number `step` (a pure function of seed and step)."""
+  split = artifacts.prepared.train
+  idx_B = dataset.batch_indices(split.num_sequences, config.data.batch_size, config.seed, step)
+  return artifacts.batch("train", idx_B)
+
+
+def make_eval_fn(model_config: ml_collections.ConfigDict
+                 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+  """Jitted (params, batch) -> {nll_sum, tokens, ...}: the loss without dropout."""
+  loss_fn = models.make_loss_fn(model_config)
+  return jax.jit(lambda params, batch: loss_fn(params, batch, None)[1])
+
+
+def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, split: str,
+                   batch_size: int, max_batches: int, mesh: jax.sharding.Mesh,
+                   drop: tuple[str, ...] = (), desc: str = "eval") -> dict[str, float]:
+  """Perplexity over `split` (the first `max_batches` batches; 0 = all)."""
+  num = artifacts.prepared.split(split).num_sequences
+  batches = list(dataset.eval_indices(num, batch_size))
+  if max_batches > 0:
+    batches = batches[:max_batches]
+  nll_sum, tokens = 0.0, 0.0
+  pending = []
+  for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False):
+    pending.append(eval_fn(params, device_batch(artifacts.batch(split, idx_B), mesh, drop)))
+  for aux in jax.device_get(pending):
+    nll_sum += float(aux["nll_sum"])
+    tokens += float(aux["tokens"])
+  loss = nll_sum / max(tokens, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
+          "batches": len(batches)}
+
+
+def _refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
+                        params: Any) -> build.Artifacts:
+  """REALM: re-embed the datastore with the current document encoder; new candidates."""
+  model = models.get_model(config.model)
+  cls = type(model)
+  docs = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_documents))
+  queries = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_query))
+  r = config.retrieval
+  splits = {"train": artifacts.prepared.train, "validation": artifacts.prepared.validation}
+  retrieved = neighbours.refresh(
+      lambda t: np.asarray(docs(params, t)), lambda t: np.asarray(queries(params, t)),
+      artifacts.datastore.split, splits, config.model.realm.num_candidates,
+      overfetch=r.overfetch, metric=r.metric, index_spec=r.index,
+      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search)
+  return dataclasses.replace(artifacts, retrieved=retrieved)
+
+
+def _refreshes(config: ml_collections.ConfigDict) -> bool:
+  return (config.model.name == "realm" and config.retrieval.refresh_every > 0
+          and config.model.realm.doc_encoder == "trainable")
+
+
+def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
+                  last_saved: int | None) -> None:
+  loss = host_metrics.get("loss", 0.0)
+  if not math.isfinite(loss):
+    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
+        else "no checkpoint was saved"
+    raise UserError(f"training diverged: loss is {loss} at step {step}; {kept} in {workdir}; "
+                    f"lower --config.train.learning_rate or raise --config.train.warmup_steps")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Builds what is missing, trains `config.train.steps` steps (resuming), evaluates.
+
+  Returns the final metrics: `eval/loss`, `eval/perplexity`, `train/loss`, `step`, plus
+  `eval/no_retrieval/*` for RETRO and phase `timings` in seconds.
+  """
+  sharding.initialize_distributed(config.train)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  timings: dict[str, float] = {}
+  t = config.train
+
+  start = time.perf_counter()
+  artifacts = build.build_all(config)
+  timings["artifacts"] = time.perf_counter() - start
+  print(build.summary(artifacts), flush=True)
+
+  start = time.perf_counter()
+  mesh = sharding.make_mesh(t)
+  example = {k: v for k, v in train_batch(config, artifacts, 0).items()
+             if k not in HOST_ONLY_KEYS}
+  meta = {"config": config.to_json_best_effort(), "hashes": artifacts.hashes,
+          "model": config.model.name}
+  ckpt = checkpoint.Checkpoints.from_config(workdir, t)
+  first = 0
+  if ckpt.latest_step() is not None:
+    abstract = abstract_train_state(config, example, mesh)
+    state, saved = ckpt.restore(None, abstract)
+    _check_same_run(saved, meta, workdir)
+    first = int(saved["step"])
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    print(f"resuming from step {first} in {workdir}", flush=True)
+  else:
+    state, shardings = create_train_state(config, jax.random.PRNGKey(config.seed), example, mesh)
+  loss_fn = models.make_loss_fn(config.model)
+  step_fn = make_train_step(config, loss_fn, shardings, mesh)
+  eval_fn = make_eval_fn(config.model)
+  timings["init"] = time.perf_counter() - start
+
+  refreshed_at = 0
+  if _refreshes(config) and first >= config.retrieval.refresh_every:
+    refreshed_at = first - first % config.retrieval.refresh_every
+    artifacts = _refresh_candidates(config, artifacts, state.params)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=first if first else None)
+  lagged = metrics_lib.Lagged()
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  last_saved = ckpt.latest_step()
+  final: dict[str, Any] = {}
+  bar = tqdm(total=t.steps, initial=first, desc=f"train {config.name}", unit="step",
+             dynamic_ncols=True)
+  start = time.perf_counter()
+  last_tick, last_tick_step = time.perf_counter(), first
+
+  def record(done: tuple[int, dict[str, Any]] | None) -> None:
+    nonlocal last_tick, last_tick_step
+    if done is None:
+      return
+    step, host = done
+    _check_finite(step, host, workdir, last_saved)
+    final["train/loss"] = host["loss"]
+    if step % t.log_every == 0 or step == t.steps:
+      now = time.perf_counter()
+      rate = (step - last_tick_step) * tokens_per_step / max(now - last_tick, 1e-9)
+      last_tick, last_tick_step = now, step
+      host = {**host, "tokens_per_second": rate}
+      writer.write(step, host)
+      bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{rate:,.0f}")
+
+  end = min(t.steps, t.stop_after) if t.stop_after > 0 else t.steps
+  try:
+    for step in range(first, end):
+      if _refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
+          and step != refreshed_at:
+        artifacts = _refresh_candidates(config, artifacts, state.params)
+        refreshed_at = step
+      batch = device_batch(train_batch(config, artifacts, step), mesh)
+      state, step_metrics = step_fn(state, batch)
+      if _refreshes(config):
+        step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
+      record(lagged.push(step + 1, step_metrics))
+      bar.update(1)
+      done = step + 1
+      if done % t.checkpoint_every == 0 or done == end:
+        record(lagged.flush())  # never save a state whose loss we have not seen
+        if ckpt.save(done, state, meta, force=done == end):
+          last_saved = done
+      if done % t.eval_every == 0 and done != t.steps:
+        ev = evaluate_split(eval_fn, state.params, artifacts, "validation",
+                            config.eval.batch_size, config.eval.batches, mesh)
+        writer.write(done, ev, prefix="eval")
+        tqdm.write(f"step {done}: eval loss {ev['loss']:.4f} perplexity {ev['perplexity']:.2f}")
+    record(lagged.flush())
+  finally:
+    bar.close()
+    ckpt.close()
+  train_time = time.perf_counter() - start
+  timings["train"] = train_time
+  if end < t.steps:
+    writer.close()
+    print(f"stopped at step {end} (train.stop_after); rerun without it to resume", flush=True)
+    return {**final, "step": end, "timings": timings}
+
+  start = time.perf_counter()
+  final.update(_final_eval(config, eval_fn, state.params, artifacts, mesh, writer, t.steps))
+  timings["eval"] = time.perf_counter() - start
+  writer.close()
+  if (workdir / metrics_lib.JSONL).exists() and final.get("train/loss") is not None:
+    metrics_lib.write_loss_plot(workdir / metrics_lib.JSONL, workdir / "loss.png")
+  steps_run = t.steps - first
+  final.update(step=t.steps, timings=timings,
+               train_tokens_per_second=steps_run * tokens_per_step / max(train_time, 1e-9))
+  atomic_write_text(workdir / "final_metrics.json", json.dumps(final, indent=2))
+  return final
+
+
+def _final_eval(config: ml_collections.ConfigDict, eval_fn: Callable, params: Any,
+                artifacts: build.Artifacts, mesh: jax.sharding.Mesh,
+                writer: metrics_lib.MetricsWriter, step: int) -> dict[str, float]:
+  """Validation metrics at the end; RETRO also without retrieval."""
+  out = {}
+  variants = [("eval", ())]
+  if config.model.name == "retro":
+    variants.append(("eval/no_retrieval", ("neighbours",)))
+  for prefix, drop in variants:
+    ev = evaluate_split(eval_fn, params, artifacts, "validation", config.eval.batch_size,
+                        config.eval.batches, mesh, drop=drop, desc=prefix)
+    writer.write(step, ev, prefix=prefix)
+    out.update({f"{prefix}/{k}": v for k, v in ev.items()})
+  return out
+
+
+def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any], workdir: Path) -> None:
+  """A workdir resumes only the model type it was started with, on the same artifacts."""
+  if saved.get("model") != meta["model"]:
+    raise UserError(f"{workdir} holds a checkpoint of model {saved.get('model')!r}, this config "
+                    f"trains {meta['model']!r}; use another --workdir")
+  stale = [k for k, v in meta["hashes"].items() if saved.get("hashes", {}).get(k, v) != v]
+  if stale:
+    raise UserError(f"{workdir} was trained on other artifacts ({', '.join(stale)} changed); "
+                    f"use another --workdir or restore the original data/config")
