@@ -17,10 +17,16 @@ class UserError(Exception):
 
 
 def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
-  """Wraps a command-line entry point: a UserError prints one line and exits 2."""
+  """Wraps a command-line entry point: a UserError prints one line and exits 2.
+
+  Also quiets absl (orbax) logging below ERROR, so the terminal shows what matters.
+  """
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
+    from absl import logging as absl_logging  # orbax logs routine warnings through absl
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
       return fn(*args, **kwargs)
     except UserError as e:

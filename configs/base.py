@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.nprobe = 16
   r.ef_search = 64
   r.num_neighbours = 2  # K
-  r.overfetch = 4  # fetch K * overfetch, then drop same-document hits
+  r.overfetch = 64  # fetch K * overfetch, then drop same-document hits (plays are self-similar)
   r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
   r.refresh_every = 0  # REALM: re-embed datastore every T steps; 0 = frozen index
 

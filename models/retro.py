@@ -14,7 +14,6 @@ chunks ([B*C, m, D] queries against [B*C, K*R, E] keys): no Python loop over chu
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

@@ -12,10 +12,10 @@ the training queries are exactly the datastore chunks and their embeddings are c
 Retrieval over-fetches `K * overfetch` chunks and drops those of the query's own document
 (by doc-id string, so it works across splits and corpora; a query window that crosses into
 the next document excludes that one too, since its future tokens come from it), keeping
-the best K; rows with
-fewer than K survivors are filled with id -1 (all-padding tokens, worst distance). A RETRO
-neighbour is its chunk plus the next 64 tokens; tokens of any other document (past the
-document's end) are 0.
+the best K; rows with fewer than K survivors are filled with id -1 (all-padding tokens,
+worst distance). Long documents need a large over-fetch: the manifest records the
+`unfilled_fraction`. A RETRO neighbour is its chunk plus the next 64 tokens; tokens of any
+other document (past the document's end) are 0.
 
 Artifacts live in `cache_root/<kind>/<fingerprint of inputs>/` with a manifest of input
 hashes: `embeddings` (embedder.py), `index` (FAISS), `retro_neighbours` and
@@ -89,7 +89,8 @@ class Retrieved:
     out = {}
     for name in BATCH_KEYS[self.kind]:
       rows = np.asarray(self.arrays[split][name][np.maximum(idx_B, 0)])
-      out[name] = np.where(live_B.reshape(-1, *([1] * (rows.ndim - 1))), rows, 0).astype(rows.dtype)
+      live = live_B.reshape(-1, *([1] * (rows.ndim - 1)))
+      out[name] = np.where(live, rows, 0).astype(rows.dtype)
     return out
 
 

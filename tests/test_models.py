@@ -135,7 +135,8 @@ def test_retro_without_neighbours_is_the_transformer(retro):
 
 
 def test_bf16_forward_close_to_f32(retro):
-  """bf16 compute, f32 params: |logit diff| <= 0.15 max and <= 0.03 mean (logits ~ O(1))."""
+  """bf16 compute, f32 params: |logit diff| <= 0.1 max, <= 0.015 mean (logit std ~1;
+  measured 0.029 and 0.0047)."""
   _, _, params, forward, x, nbr = retro
   bf16 = configs.load("tiny_retro", ["model.dtype='bfloat16'"]).model
   shapes = jax.eval_shape(lambda r: Retro(bf16).init(r, x, nbr), jax.random.PRNGKey(0))
@@ -143,7 +144,7 @@ def test_bf16_forward_close_to_f32(retro):
   low = jax.jit(lambda x, n: Retro(bf16).apply({"params": params}, x, n))(x, nbr)
   assert low.dtype == jnp.float32
   diff = np.abs(np.asarray(low - forward(x, nbr)))
-  assert diff.max() <= 0.15 and diff.mean() <= 0.03, (diff.max(), diff.mean())
+  assert diff.max() <= 0.1 and diff.mean() <= 0.015, (diff.max(), diff.mean())
 
 
 def test_transformer_loss_key_dropout_remat():
@@ -168,7 +169,11 @@ def test_transformer_loss_key_dropout_remat():
   (logits, key_BxLxD), (loss, aux), ((drop, _), g), ((drop_r, _), g_r) = run(params, batch)
   np.testing.assert_allclose(model.apply({"params": params}, batch["inputs"]), logits, atol=1e-5)
   assert key_BxLxD.shape == (2, 64, 32) and key_BxLxD.dtype == jnp.float32
-  logp = np.asarray(jax.nn.log_softmax(logits))
+  # The key is RMS-normalised (the norm's scale is 1 at init).
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(key_BxLxD), -1)), 1.0, rtol=1e-3)
+  logits64 = np.asarray(logits, np.float64)
+  top = logits64.max(-1, keepdims=True)
+  logp = logits64 - top - np.log(np.exp(logits64 - top).sum(-1, keepdims=True))
   nll = -np.take_along_axis(logp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
   w = np.asarray(batch["weights"])
   assert float(aux["tokens"]) == 74.0
@@ -311,8 +316,9 @@ def test_bench_small_parameter_count():
                           jax.random.PRNGKey(0))
   count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(nn.unbox(shapes)))
   print(f"bench_small RETRO parameters: {count:,} ({count / 1e6:.2f}M)")
+  is_spec = lambda a: isinstance(a, jax.sharding.PartitionSpec)
   assert jax.tree_util.tree_structure(nn.unbox(shapes)["params"]) == \
-      jax.tree_util.tree_structure(axes, is_leaf=lambda a: isinstance(a, jax.sharding.PartitionSpec))
+      jax.tree_util.tree_structure(axes, is_leaf=is_spec)
   assert count == EXPECTED_BENCH_SMALL_PARAMS
 
 

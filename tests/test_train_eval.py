@@ -100,3 +100,27 @@ def test_resume_in_fresh_process_is_exact(corpus_overrides, tmp_path):
   loss = lambda w: {r["step"]: r["train/loss"] for r in  # noqa: E731
                     metrics_lib.read_jsonl(w / "metrics.jsonl") if "train/loss" in r}
   assert loss(straight) == loss(resumed)  # same batches at every step, same losses
+
+
+def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
+  cfg = _config("tiny_realm", corpus_overrides, "train.steps=5", "retrieval.refresh_every=2",
+                "model.realm.doc_encoder=trainable", "train.log_every=1",
+                "train.checkpoint_every=1000", "train.eval_every=1000")
+  train.train_and_evaluate(cfg, str(tmp_path))
+  ages = [r["train/index_age_steps"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+          if "train/index_age_steps" in r]
+  assert ages == [0, 1, 0, 1, 0]  # steps 0..4, refreshed before steps 2 and 4
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train.py", "--config", "retro_smal"], "unknown config 'retro_smal'"),
+    (["train.py", "--config", "tiny_retro", "--config.train.stepz=1"], "no field 'train.stepz'"),
+    (["eval.py", "--workdir", "{tmp}"], "no checkpoints in"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, words, tmp_path):
+  argv = [a.format(tmp=tmp_path) for a in argv]
+  proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert words in proc.stderr and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
