@@ -37,6 +37,7 @@ import numpy as np
 import safetensors.numpy
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from common import artifacts
 from common.errors import UserError
@@ -193,7 +194,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
   if path.is_dir():
     return path
   module = name_or_path.replace("-", "_")
-  if re.fullmatch(r"[A-Za-z_][\w.]*", module) and importlib.util.find_spec(module) is not None:
+  if re.fullmatch(r"[A-Za-z_]\w*", module) and importlib.util.find_spec(module) is not None:
     package = importlib.import_module(module)
     if not hasattr(package, "get_model_path"):
       raise UserError(f"package {module!r} has no get_model_path(); pass a model folder instead")
@@ -247,7 +248,6 @@ class Embedder:
   """A frozen, jitted BERT sentence embedder (see the module docstring)."""
 
   def __init__(self, folder: Path, max_tokens: int = 128, batch_size: int = 128):
-    from transformers import AutoTokenizer
     transformer_dir, self.pooling, self.normalize = _read_pipeline(folder)
     weights = transformer_dir / "model.safetensors"
     if not weights.exists() or not (transformer_dir / "config.json").exists():

@@ -32,7 +32,7 @@ _IVF_ID_BYTES = 8  # each IVF entry stores its int64 id beside the PQ code
 _ADD_BATCH = 65536
 
 
-def _ivf_nlist(n: int) -> int:
+def ivf_nlist(n: int) -> int:
   """The power of two nearest 4*sqrt(n), with at least 39 training vectors per list."""
   nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
   while nlist > 1 and nlist * 39 > n:
@@ -57,16 +57,24 @@ def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
     return "Flat"
   if n <= HNSW_MAX and n * (d * 4 + HNSW_M * _HNSW_BYTES_PER_LINK) <= budget:
     return f"HNSW{HNSW_M}"
-  nlist = _ivf_nlist(n)
-  for m in _pq_ms(d, top=d // 8):  # sub-vectors of 8 dims or more
-    if n * (m + _IVF_ID_BYTES) + nlist * d * 4 <= budget:
+  spec = ivfpq_factory(n, d, memory_budget_gb)
+  if spec is None:
+    raise UserError(f"{n} vectors of width {d} do not fit retrieval.memory_budget_gb="
+                    f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or shard the "
+                    f"datastore")
+  return spec
+
+
+def ivfpq_factory(n: int, d: int, memory_budget_gb: float) -> str | None:
+  """IVF<nlist>,PQ<m>: the most accurate PQ (8+ dims per sub-vector) within the budget."""
+  nlist = ivf_nlist(n)
+  for m in _pq_ms(d, top=d // 8):
+    if n * (m + _IVF_ID_BYTES) + nlist * d * 4 <= memory_budget_gb * 2**30:
       return f"IVF{nlist},PQ{m}"
-  raise UserError(f"{n} vectors of width {d} do not fit retrieval.memory_budget_gb="
-                  f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or shard the "
-                  f"datastore")
+  return None
 
 
-def _check_spec(spec: str, n_train: int, d: int) -> None:
+def _check_spec(spec: str, d: int, n_train: int) -> None:
   """UserErrors for the mistakes FAISS would report as a C++ assertion."""
   for m, nbits in re.findall(r"PQ(\d+)(?:x(\d+))?", spec):
     if d % int(m):
@@ -78,7 +86,54 @@ def _check_spec(spec: str, n_train: int, d: int) -> None:
   for nlist in re.findall(r"IVF(\d+)", spec):
     if int(nlist) > n_train:
       raise UserError(f"index {spec!r}: {n_train} training vectors are fewer than the "
-                      f"{nlist} IVF lists; use IVF{_ivf_nlist(n_train)} or Flat")
+                      f"{nlist} IVF lists; use IVF{ivf_nlist(n_train)} or Flat")
+
+
+def train_count(spec: str, n: int, train_size: int | None = None) -> int:
+  """Vectors sampled for training: train_size, default max(50k, 64 * nlist); at most n."""
+  if train_size is None:
+    train_size = max([50_000] + [64 * int(x) for x in re.findall(r"IVF(\d+)", spec)])
+  return min(n, train_size)
+
+
+def make_index(n: int, d: int, metric: str = "ip", spec: str = "auto",
+               memory_budget_gb: float = 4.0, train_size: int | None = None) -> faiss.Index:
+  """An empty FAISS index for n vectors of width d (spec "auto": choose_factory)."""
+  if metric not in METRICS:
+    raise UserError(f"metric {metric!r} is unknown; set retrieval.metric to 'ip' or 'l2'")
+  if spec == "auto":
+    spec = choose_factory(n, d, memory_budget_gb)
+  _check_spec(spec, d, train_count(spec, n, train_size))
+  try:
+    index = faiss.index_factory(d, spec, METRICS[metric])
+  except RuntimeError as e:
+    reason = str(e).strip().splitlines()[-1][:160]
+    raise UserError(f"invalid FAISS index spec {spec!r} ({reason}); use 'auto' or a factory "
+                    f"string such as Flat, HNSW32, IVF1024,PQ48") from None
+  for part in (index, faiss.try_extract_index_ivf(index)):
+    part = faiss.downcast_index(part) if part is not None else None
+    if hasattr(part, "do_polysemous_training"):  # PQ indexes: slow, and unused here
+      part.do_polysemous_training = False
+  return index
+
+
+def train_index(index: faiss.Index, vectors: np.ndarray, n_train: int, seed: int = 0) -> None:
+  """Trains IVF / PQ parts on n_train vectors sampled with `seed` (no-op if trained)."""
+  if index.is_trained:
+    return
+  sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=n_train, replace=False))
+  ivf = faiss.try_extract_index_ivf(index)
+  if ivf is not None:
+    ivf.cp.seed = seed
+  index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray) -> None:
+  """index.add in batches of 64k (float32 copies of memmap slices), with a progress bar."""
+  n = len(vectors)
+  for s in tqdm(range(0, n, _ADD_BATCH), desc="index add", unit="batch",
+                disable=n <= 4 * _ADD_BATCH):
+    index.add(np.ascontiguousarray(vectors[s:s + _ADD_BATCH], dtype=np.float32))
 
 
 def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
@@ -92,38 +147,15 @@ def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
     train_size: vectors sampled to train IVF/PQ; default max(50k, 64 * nlist), at most N.
     seed: picks the training sample and seeds the IVF k-means.
   """
-  if metric not in METRICS:
-    raise UserError(f"metric {metric!r} is unknown; set retrieval.metric to 'ip' or 'l2'")
   if vectors.ndim != 2 or len(vectors) == 0:
     raise UserError(f"index vectors must be a non-empty [N, D] array, got shape "
                     f"{vectors.shape}; embed the datastore first")
   n, d = vectors.shape
   if spec == "auto":
     spec = choose_factory(n, d, memory_budget_gb)
-  nlists = [int(x) for x in re.findall(r"IVF(\d+)", spec)]
-  if train_size is None:
-    train_size = max([50_000] + [64 * x for x in nlists])
-  train_size = min(n, train_size)
-  _check_spec(spec, train_size, d)
-  try:
-    index = faiss.index_factory(d, spec, METRICS[metric])
-  except RuntimeError as e:
-    reason = str(e).strip().splitlines()[-1][:160]
-    raise UserError(f"invalid FAISS index spec {spec!r} ({reason}); use 'auto' or a factory "
-                    f"string such as Flat, HNSW32, IVF1024,PQ48") from None
-  if not index.is_trained:
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=train_size, replace=False))
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-      ivf.cp.seed = seed
-    for part in (index, ivf):
-      part = faiss.downcast_index(part) if part is not None else None
-      if hasattr(part, "do_polysemous_training"):  # PQ indexes: slow, and unused here
-        part.do_polysemous_training = False
-    index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
-  for s in tqdm(range(0, n, _ADD_BATCH), desc=f"index add ({spec})", unit="batch",
-                disable=n <= 4 * _ADD_BATCH):
-    index.add(np.ascontiguousarray(vectors[s:s + _ADD_BATCH], dtype=np.float32))
+  index = make_index(n, d, metric, spec, memory_budget_gb, train_size)
+  train_index(index, vectors, train_count(spec, n, train_size), seed)
+  add_vectors(index, vectors)
   set_search_params(index, nprobe, ef_search)
   return index
 

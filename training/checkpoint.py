@@ -14,13 +14,23 @@ the caller adds (resolved config JSON, artifact manifest hashes).
 Restoring onto another mesh or device count needs a template whose leaves carry the target
 shardings (`state.abstract_train_state` builds it in code; a template read back from the
 checkpoint would lose the optax NamedTuple types).
+
+Crash safety: orbax writes each step into `<step>.orbax-checkpoint-tmp/` and renames it into
+place when complete, so a process killed mid-save leaves only a tmp directory, which is
+never listed as a step and is deleted when the next writer opens the directory. A save
+that fails because the disk is full removes its partial step and raises a one-line
+`UserError`; the earlier checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -31,7 +41,9 @@ from common.errors import UserError
 from training import sharding
 
 CHECKPOINT_DIR = "checkpoints"
-_FIX = "delete that step directory to fall back to the previous checkpoint, or retrain"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step still being written
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
@@ -47,12 +59,55 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   return registry
 
 
-def _unreadable(step_dir: Path, error: Exception) -> UserError:
-  """One line for any failure to read a checkpoint (orbax and tensorstore raise many types)."""
+def _short(error: BaseException, limit: int = 160) -> str:
   text = " ".join(str(error).split()) or type(error).__name__
-  text = text if len(text) <= 160 else text[:157] + "..."
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the 'Event loop is closed' reports of reads a failed restore abandoned.
+
+  When one array of a checkpoint cannot be read, orbax closes its event loop while
+  tensorstore still finishes the other reads; their callbacks then fail, and Python prints
+  each as an unraisable RuntimeError traceback after the one-line error. Only those are
+  dropped; every other unraisable exception still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "quiets_abandoned_reads", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def _unreadable(step_dir: Path, error: Exception, earlier: list[int]) -> UserError:
+  """One line for any failure to read a checkpoint (orbax and tensorstore raise many types).
+
+  `earlier`: the saved steps before this one (the fix names the one to fall back to).
+  """
+  fix = (f"delete {step_dir} to fall back to the checkpoint of step {earlier[-1]}" if earlier
+         else f"no earlier checkpoint exists: delete {step_dir.parent} and retrain")
   return UserError(f"checkpoint {step_dir} is truncated, corrupt or from another config "
-                   f"({text}); {_FIX}")
+                   f"({_short(error)}); {fix}")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """ENOSPC/EDQUOT from Python, or tensorstore's text for them, anywhere in the chain."""
+  seen: set[int] = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(e) for text in _DISK_FULL_TEXTS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 class Checkpoints:
@@ -60,6 +115,8 @@ class Checkpoints:
 
   Saves happen at steps that are multiples of `every` (or with `force=True`).
   Use as a context manager, or call `close()`: it waits for the last async save.
+  A failed save (disk full: a one-line UserError) surfaces in the next `save`,
+  `wait_until_finished` or `close`, after its partial step directory has been removed.
   """
 
   def __init__(self, workdir: str | os.PathLike, every: int = 1, keep: int | None = None,
@@ -74,9 +131,12 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        create=not read_only, read_only=read_only)
+        create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)  # steps a killed process left half-written
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=_registry())
+    self._saving: int | None = None  # the step of the save in flight
+    self._failed: list[int] = []  # steps whose save failed (partial files removed on close)
 
   @classmethod
   def from_config(cls, workdir: str | os.PathLike,
@@ -93,14 +153,50 @@ class Checkpoints:
     The device arrays are copied before this returns, so the state may be donated right after.
     """
     step = int(step)
-    if step in self._manager.all_steps():
+    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
       return False
+    self.wait_until_finished()  # the previous save's failure is reported as that step's
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave({**meta, "step": step}))
-    return self._manager.save(step, args=args, force=force)
+    self._saving = step
+    with self._failures():
+      return self._manager.save(step, args=args, force=True)
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is on disk; UserError if the disk filled up."""
+    with self._failures():
+      self._manager.wait_until_finished()
+    self._saving = None
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: True once every host has reached the preemption sync point after a host
+    got SIGTERM (JAX's preemption service); always False in a single process."""
+    return self._manager.reached_preemption(step)
+
+  @contextlib.contextmanager
+  def _failures(self) -> Iterator[None]:
+    """Notes the step of a failed save; a full disk becomes a one-line UserError."""
+    try:
+      yield
+    except Exception as e:
+      step, self._saving = self._saving, None
+      if step is None:
+        raise
+      self._failed.append(step)
+      if not _is_disk_full(e):
+        raise
+      raise self._disk_full(step) from e
+
+  def _disk_full(self, step: int) -> UserError:
+    self._manager.reload()  # the manager's own list may hold the step that failed
+    kept = [s for s in self._manager.all_steps() if s != step]
+    free_mb = shutil.disk_usage(self.directory).free / 2**20
+    kept = (f"the checkpoint of step {max(kept)} is intact" if kept
+            else "no earlier checkpoint exists")
+    return UserError(f"the disk is full: the checkpoint of step {step} could not be written "
+                     f"to {self.directory} ({free_mb:.1f} MiB free); {kept} and the partial "
+                     f"step {step} is discarded; free space (or lower "
+                     f"--config.train.keep_checkpoints) and rerun the same command to resume")
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -121,11 +217,16 @@ class Checkpoints:
                       f"available steps: {', '.join(map(str, steps))}")
     return step
 
+  def _unreadable(self, step: int, error: Exception) -> UserError:
+    return _unreadable(self.directory / str(step), error,
+                       [s for s in self.all_steps() if s < step])
+
   def _restore(self, step: int, **items: Any) -> Any:
+    _quiet_abandoned_reads()
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise _unreadable(self.directory / str(step), e) from e
+      raise self._unreadable(step, e) from e
 
   def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state, meta) at `step` (None: latest), placed as `abstract_state`'s shardings say."""
@@ -144,10 +245,24 @@ class Checkpoints:
       tree = self._manager.item_metadata(step)["state"]
       return tree["params"]
     except Exception as e:
-      raise _unreadable(self.directory / str(step), e) from e
+      raise self._unreadable(step, e) from e
 
   def close(self) -> None:
+    """Waits for the save in flight (UserError if the disk filled up), then releases."""
+    try:
+      self.wait_until_finished()
+    except BaseException:
+      with contextlib.suppress(Exception):  # the error above is the one to report
+        self._close_manager()
+      raise
+    self._close_manager()
+
+  def _close_manager(self) -> None:
+    """Closes orbax (its writer threads are done after this), then drops failed steps."""
     self._manager.close()
+    for step in self._failed:
+      for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def __enter__(self) -> Checkpoints:
     return self
@@ -180,14 +295,16 @@ def load_params(workdir: str | os.PathLike, step: int | None = None,
     step = ckpt.resolve_step(step)
     params_md = ckpt.params_metadata(step)
     state_dir = ckpt.directory / str(step) / "state"
+    earlier = [s for s in ckpt.all_steps() if s < step]
   template = {"params": jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                      sharding=sharding.spec_on_mesh(_saved_spec(m), m.shape, mesh)),
       params_md)}
   args = ocp.args.PyTreeRestore(item=template, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(template))
+  _quiet_abandoned_reads()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(state_dir, args=args)["params"]
   except Exception as e:
-    raise _unreadable(state_dir.parent, e) from e
+    raise _unreadable(state_dir.parent, e, earlier) from e

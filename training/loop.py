@@ -3,7 +3,16 @@
     metrics = train_and_evaluate(configs.load("tiny_retro"), "/tmp/run")
 
 Batches are a pure function of (seed, step), so a checkpoint's step is the data position
-and a rerun in the same workdir resumes exactly where the last checkpoint left off.
+and a rerun in the same workdir resumes exactly where the last checkpoint left off: a run
+killed at any point (even mid-save) and rerun ends with bit-identical parameters.
+
+What is never lost or trusted wrongly (docs/RELIABILITY.md has the full table):
+- SIGTERM/SIGINT during training: the current step finishes, a checkpoint of it is saved,
+  and the run returns normally (`train.py` exits 0); a second signal stops at once.
+- A non-finite loss, gradient or parameter norm stops training with a `UserError` naming
+  the step; metrics are always checked before a checkpoint is saved, so a bad state is
+  never written and the last good checkpoint stays the latest.
+- A workdir resumes only the model (type and shapes) and artifacts it was started with.
 """
 
 from __future__ import annotations
@@ -11,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,6 +32,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+import configs
 import models
 from common.artifacts import atomic_write_text
 from common.errors import UserError
@@ -29,6 +42,9 @@ from training.state import abstract_train_state, create_train_state
 from training.step import make_train_step
 
 HOST_ONLY_KEYS = ("index",)  # batch entries for the host (citations), never sent to devices
+FINITE_KEYS = ("loss", "grad_norm", "param_norm")  # checked every step, before any save
+# Model fields a resumed run may change: they do not change the parameters' shapes.
+RESUMABLE_MODEL_FIELDS = ("dropout", "dtype", "remat")
 
 
 def device_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
@@ -97,12 +113,75 @@ def _refreshes(config: ml_collections.ConfigDict) -> bool:
 
 def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
                   last_saved: int | None) -> None:
-  loss = host_metrics.get("loss", 0.0)
-  if not math.isfinite(loss):
-    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
-        else "no checkpoint was saved"
-    raise UserError(f"training diverged: loss is {loss} at step {step}; {kept} in {workdir}; "
-                    f"lower --config.train.learning_rate or raise --config.train.warmup_steps")
+  """UserError naming the step if the loss, gradient or (updated) parameter norm is not finite.
+
+  `param_norm` is of the parameters after the update, so a state that passes is safe to save.
+  """
+  bad = [k for k in FINITE_KEYS if k in host_metrics and not math.isfinite(host_metrics[k])]
+  if not bad:
+    return
+  values = ", ".join(f"{k} is {host_metrics[k]}" for k in bad)
+  kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+          else "no checkpoint was saved")
+  raise UserError(f"training diverged at step {step}: {values}; the bad state was not saved and "
+                  f"{kept} in {workdir}; lower --config.train.learning_rate or raise "
+                  f"--config.train.warmup_steps, then rerun to resume")
+
+
+class _StopSignals:
+  """SIGTERM/SIGINT during training set a flag; the loop saves at the next step boundary.
+
+  A second signal restores the previous handlers and re-delivers itself (Ctrl-C twice
+  stops at once; checkpoints on disk stay consistent). Handlers are installed only in the
+  main thread of a single-process job: a multi-host job uses JAX's preemption service
+  instead, whose sync point every host consults after every step (`requested`), so all
+  hosts save the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, ckpt: checkpoint.Checkpoints):
+    self._ckpt = ckpt
+    self._previous: dict[int, Any] = {}
+    self.reason: str | None = None
+
+  def __enter__(self) -> _StopSignals:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if self.reason is None:
+      self.reason = name
+      os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping "
+                  f"(send {name} again to stop at once)\n".encode())
+      return
+    previous = self._previous.get(signum)
+    self.__exit__()
+    if callable(previous):
+      previous(signum, frame)
+    else:
+      signal.raise_signal(signum)
+
+  def requested(self, step: int) -> bool:
+    """True once a signal arrived (or, multi-host, all hosts reached a preemption point)."""
+    if self.reason is None and self._ckpt.reached_preemption(step):
+      self.reason = "preemption"
+    return self.reason is not None
+
+
+def _saved_meta(workdir: Path) -> dict[str, Any] | None:
+  """The metadata of the latest checkpoint in `workdir`, or None if it has none."""
+  if not checkpoint.checkpoint_dir(workdir).is_dir():
+    return None
+  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
+    return ckpt.restore_meta() if ckpt.latest_step() is not None else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -113,10 +192,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   sharding.initialize_distributed(config.train)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   timings: dict[str, float] = {}
   t = config.train
+  saved = _saved_meta(workdir)
+  if saved is not None:
+    _check_same_model(saved, config, workdir)  # before any slow artifact build
 
   start = time.perf_counter()
   artifacts = build.build_all(config)
@@ -129,12 +209,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              if k not in HOST_ONLY_KEYS}
   meta = {"config": config.to_json_best_effort(), "hashes": artifacts.hashes,
           "model": config.model.name}
+  if saved is not None:
+    _check_same_run(saved, meta, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpoints.from_config(workdir, t)
   first = 0
   if ckpt.latest_step() is not None:
     abstract = abstract_train_state(config, example, mesh)
     state, saved = ckpt.restore(None, abstract)
-    _check_same_run(saved, meta, workdir)
     first = int(saved["step"])
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     print(f"resuming from step {first} in {workdir}", flush=True)
@@ -150,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     refreshed_at = first - first % config.retrieval.refresh_every
     artifacts = _refresh_candidates(config, artifacts, state.params)
 
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=first if first else None)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=first)  # drops a dead run's records
   lagged = metrics_lib.Lagged()
   tokens_per_step = config.data.batch_size * config.data.seq_len
   last_saved = ckpt.latest_step()
@@ -176,38 +259,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{rate:,.0f}")
 
   end = min(t.steps, t.stop_after) if t.stop_after > 0 else t.steps
+  done = first
+  stop = _StopSignals(ckpt)
   try:
-    for step in range(first, end):
-      if _refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
-          and step != refreshed_at:
-        artifacts = _refresh_candidates(config, artifacts, state.params)
-        refreshed_at = step
-      batch = device_batch(train_batch(config, artifacts, step), mesh)
-      state, step_metrics = step_fn(state, batch)
-      if _refreshes(config):
-        step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
-      record(lagged.push(step + 1, step_metrics))
-      bar.update(1)
-      done = step + 1
-      if done % t.checkpoint_every == 0 or done == end:
-        record(lagged.flush())  # never save a state whose loss we have not seen
-        if ckpt.save(done, state, meta, force=done == end):
-          last_saved = done
-      if done % t.eval_every == 0 and done != t.steps:
-        ev = evaluate_split(eval_fn, state.params, artifacts, "validation",
-                            config.eval.batch_size, config.eval.batches, mesh)
-        writer.write(done, ev, prefix="eval")
-        tqdm.write(f"step {done}: eval loss {ev['loss']:.4f} perplexity {ev['perplexity']:.2f}")
-    record(lagged.flush())
+    with stop:
+      for step in range(first, end):
+        if _refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
+            and step != refreshed_at:
+          artifacts = _refresh_candidates(config, artifacts, state.params)
+          refreshed_at = step
+        batch = device_batch(train_batch(config, artifacts, step), mesh)
+        state, step_metrics = step_fn(state, batch)
+        if _refreshes(config):
+          step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
+        record(lagged.push(step + 1, step_metrics))
+        bar.update(1)
+        done = step + 1
+        stopping = stop.requested(done)
+        if done % t.checkpoint_every == 0 or done == end or stopping:
+          record(lagged.flush())  # never save a state whose metrics we have not checked
+          if ckpt.save(done, state, meta, force=done == end or stopping):
+            last_saved = done
+        if stopping:
+          ckpt.wait_until_finished()
+          break
+        if done % t.eval_every == 0 and done != t.steps:
+          ev = evaluate_split(eval_fn, state.params, artifacts, "validation",
+                              config.eval.batch_size, config.eval.batches, mesh)
+          writer.write(done, ev, prefix="eval")
+          tqdm.write(f"step {done}: eval loss {ev['loss']:.4f} perplexity {ev['perplexity']:.2f}")
+      record(lagged.flush())
   finally:
     bar.close()
     ckpt.close()
   train_time = time.perf_counter() - start
   timings["train"] = train_time
-  if end < t.steps:
+  if stop.reason is not None or end < t.steps:
     writer.close()
-    print(f"stopped at step {end} (train.stop_after); rerun without it to resume", flush=True)
-    return {**final, "step": end, "timings": timings}
+    if stop.reason is not None:
+      print(f"stopped at step {done} on {stop.reason}: checkpoint saved in "
+            f"{ckpt.directory / str(done)}; rerun the same command to resume", flush=True)
+    else:
+      print(f"stopped at step {end} (train.stop_after); rerun without it to resume", flush=True)
+    return {**final, "step": done, "stopped": stop.reason or "stop_after", "timings": timings}
 
   start = time.perf_counter()
   final.update(_final_eval(config, eval_fn, state.params, artifacts, mesh, writer, t.steps))
@@ -238,11 +332,37 @@ def _final_eval(config: ml_collections.ConfigDict, eval_fn: Callable, params: An
   return out
 
 
-def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any], workdir: Path) -> None:
-  """A workdir resumes only the model type it was started with, on the same artifacts."""
-  if saved.get("model") != meta["model"]:
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
+                      workdir: Path) -> None:
+  """A workdir resumes only the model it was started with: same type, same shapes."""
+  fix = (f"use another --workdir, or resume with the config it was trained with "
+         f"(see {workdir}/config.json)")
+  if saved.get("model") != config.model.name:
     raise UserError(f"{workdir} holds a checkpoint of model {saved.get('model')!r}, this config "
-                    f"trains {meta['model']!r}; use another --workdir")
+                    f"trains {config.model.name!r}; {fix}")
+  old = _flat(configs.from_json(saved["config"]).model.to_dict())
+  new = _flat(config.model.to_dict())
+  changed = [k for k in sorted(set(old) | set(new))
+             if k.split(".")[0] not in RESUMABLE_MODEL_FIELDS and old.get(k) != new.get(k)]
+  if changed:
+    more = f" (and {len(changed) - 1} more model fields)" if len(changed) > 1 else ""
+    k = changed[0]
+    raise UserError(f"{workdir} holds a checkpoint with model.{k}={old.get(k)!r}, this config "
+                    f"has model.{k}={new.get(k)!r}{more}; {fix}")
+
+
+def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any], workdir: Path) -> None:
+  """A workdir resumes only on the artifacts (data, tokenizer, retrieval) it was started with."""
   stale = [k for k, v in meta["hashes"].items() if saved.get("hashes", {}).get(k, v) != v]
   if stale:
     raise UserError(f"{workdir} was trained on other artifacts ({', '.join(stale)} changed); "

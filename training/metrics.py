@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
+from common.artifacts import atomic_write_text
 from common.errors import UserError
 
 JSONL = "metrics.jsonl"
@@ -73,7 +74,7 @@ class MetricsWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.jsonl_path.exists():
       kept = [r for r in read_jsonl(self.jsonl_path) if r["step"] <= resume_step]
-      self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
     self._file = open(self.jsonl_path, "a")
     self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
 

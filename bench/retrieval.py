@@ -1,0 +1,181 @@
+"""Retrieval benchmark: embedder throughput and FAISS cost against datastore size.
+
+    python bench/retrieval.py [--config NAME] [--sizes 10000,100000,1000000] [--out DIR]
+
+Prints ONE JSON line: the embedder's tokens/s and chunks/s (batch size, dtype, devices) on
+synthetic ~80-token texts, and per datastore size and index type (Flat, HNSW, IVF-PQ):
+train time, add throughput, query throughput and recall@10 against exact search, on
+clustered synthetic unit vectors of the embedder's width. Writes `retrieval.json` and
+`retrieval_scaling.png` (cost against datastore size) to --out. Timings are medians of
+--repeats runs (index builds are repeated only up to 20k vectors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# `python bench/retrieval.py` puts bench/ first on sys.path, where this file would shadow
+# the `retrieval` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import faiss  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import cli  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
+from configs import base  # noqa: E402
+from retrieval import index as rindex  # noqa: E402
+from retrieval.embedder import Embedder  # noqa: E402
+
+K = 10
+BUILD_REPEAT_MAX = 20_000  # builds of more vectors than this are timed once
+
+
+def clustered_unit_vectors(n: int, d: int, seed: int, clusters: int = 256, rank: int = 16,
+                           block: int = 50_000) -> np.ndarray:
+  """Unit vectors in clusters, each spread along its own low-rank subspace (embedding-like)."""
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(clusters, d)).astype(np.float32)
+  bases = (rng.normal(size=(clusters, rank, d)) / np.sqrt(rank)).astype(np.float32)
+  out = np.empty((n, d), np.float32)
+  for s in range(0, n, block):
+    m = min(block, n - s)
+    c = rng.integers(0, clusters, m)
+    z = rng.normal(size=(m, rank)).astype(np.float32)
+    x = centers[c] + np.einsum("nr,nrd->nd", z, bases[c]) + 0.1 * rng.normal(size=(m, d))
+    out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  return out
+
+
+def median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def bench_embedder(cfg, num_texts: int, repeats: int) -> dict:
+  emb = Embedder.load(cfg.embedder, cfg.embed_max_tokens, cfg.embed_batch_size)
+  rng = np.random.default_rng(0)
+  vocab = [w for w in (emb.folder / "vocab.txt").read_text().split() if w.isalpha() and len(w) > 2]
+  texts = [" ".join(rng.choice(vocab, 76)) for _ in range(num_texts)]  # ~80 WordPiece tokens
+  tokens = sum(len(x) for x in emb.tokenize(texts))
+  compile_s = median_time(lambda: emb.embed_texts(texts[:emb.batch_size]), 1)
+  seconds = median_time(lambda: emb.embed_texts(texts), repeats)
+  return {"embedder": cfg.embedder, "dim": emb.dim, "dtype": "float32",
+          "batch_size": emb.batch_size, "max_tokens": emb.max_tokens,
+          "devices": emb.num_devices, "texts": num_texts,
+          "mean_tokens": round(tokens / num_texts, 1), "first_batch_s": round(compile_s, 2),
+          "seconds": round(seconds, 2), "chunks_per_s": round(num_texts / seconds, 1),
+          "tokens_per_s": round(tokens / seconds)}
+
+
+def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dict]:
+  data = clustered_unit_vectors(n + num_queries, d, seed=n)
+  db, queries = data[:n], data[n:]
+  exact = rindex.build_index(db, cfg.metric, "Flat")
+  _, true_ids = rindex.search(exact, queries, K)
+  rows = []
+  # Every index type at every size; IVF-PQ as `auto` picks it beyond HNSW_MAX vectors.
+  specs = ["Flat", f"HNSW{rindex.HNSW_M}", rindex.ivfpq_factory(n, d, cfg.memory_budget_gb)]
+  for spec in specs:
+    n_train = rindex.train_count(spec, n)
+    train_times, add_times = [], []
+    for _ in range(repeats if n <= BUILD_REPEAT_MAX else 1):
+      index = rindex.make_index(n, d, cfg.metric, spec)
+      trains = not index.is_trained
+      start = time.perf_counter()
+      rindex.train_index(index, db, n_train)
+      train_times.append(time.perf_counter() - start)
+      start = time.perf_counter()
+      rindex.add_vectors(index, db)
+      add_times.append(time.perf_counter() - start)
+    train_s, add_s = float(np.median(train_times)), float(np.median(add_times))
+    rindex.set_search_params(index, cfg.nprobe, cfg.ef_search)
+    query_s = median_time(lambda: rindex.search(index, queries, K), repeats)
+    _, ids = rindex.search(index, queries, K)
+    recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, true_ids)])
+    rows.append({"n": n, "d": d, "spec": spec, "metric": cfg.metric,
+                 "train_vectors": n_train if trains else 0,
+                 "train_s": round(train_s, 3), "add_s": round(add_s, 3),
+                 "add_per_s": round(n / add_s), "queries": num_queries,
+                 "query_per_s": round(num_queries / query_s, 1),
+                 f"recall_at_{K}": round(float(recall), 4),
+                 "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
+                 "nprobe": cfg.nprobe if "IVF" in spec else None,
+                 "ef_search": cfg.ef_search if "HNSW" in spec else None})
+  return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for spec_kind in ("Flat", "HNSW", "IVF"):
+    mine = sorted((r for r in rows if r["spec"].startswith(spec_kind)), key=lambda r: r["n"])
+    if not mine:
+      continue
+    ns = [r["n"] for r in mine]
+    label = mine[-1]["spec"] if spec_kind != "IVF" else "IVF-PQ"
+    axes[0].plot(ns, [r["train_s"] + r["add_s"] for r in mine], "o-", label=label)
+    axes[1].plot(ns, [1e3 / r["query_per_s"] for r in mine], "o-", label=label)
+    axes[2].plot(ns, [r[f"recall_at_{K}"] for r in mine], "o-", label=label)
+  titles = ("build (train + add) [s]", "query [ms per query, batched]", f"recall@{K} vs exact")
+  for ax, title in zip(axes, titles):
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore size (vectors)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+  axes[0].set_yscale("log")
+  axes[1].set_yscale("log")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+  p = cli.parser(__doc__.splitlines()[0], config_required=False)
+  p.add_argument("--sizes", default="10000,100000",
+                 help="datastore sizes, comma separated (add 1000000 for the 1M point)")
+  p.add_argument("--out", default="runs/bench_retrieval", help="where the JSON and PNG go")
+  p.add_argument("--queries", type=int, default=1000, help="queries per datastore size")
+  p.add_argument("--texts", type=int, default=1024, help="texts embedded per timing run")
+  p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is kept)")
+  p.add_argument("--skip-embedder", action="store_true", help="benchmark FAISS only")
+  args, config = cli.parse(p, argv)
+  cfg = (config or base.base_config()).retrieval
+  try:
+    sizes = [int(s) for s in args.sizes.split(",")]
+  except ValueError:
+    raise UserError(f"--sizes {args.sizes!r} must be comma-separated integers") from None
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  result = {"bench": "retrieval", "cpus": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+  if not args.skip_embedder:
+    result["embedder"] = bench_embedder(cfg, args.texts, args.repeats)
+  d = result.get("embedder", {}).get("dim", base.base_config().model.realm.embedding_dim)
+  rows = [row for n in sizes for row in bench_index(n, d, cfg, args.queries, args.repeats)]
+  result["auto"] = {str(n): rindex.choose_factory(n, d, cfg.memory_budget_gb) for n in sizes}
+  result["index"] = rows
+  result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+  plot(rows, out / "retrieval_scaling.png")
+  result["png"] = str(out / "retrieval_scaling.png")
+  (out / "retrieval.json").write_text(json.dumps(result, indent=2))
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
