@@ -2,7 +2,9 @@
 
 Builds missing artifacts (data, tokenizer, embeddings, index, neighbours), trains with
 one jitted step, checkpoints with orbax and resumes from the latest checkpoint in the
-workdir. The loop lives in `training.loop`; this file is the thin entry point.
+workdir. SIGTERM or Ctrl-C saves a checkpoint of the current step and exits 0; rerunning
+the same command resumes exactly (docs/RELIABILITY.md). The loop lives in `training.loop`;
+this file is the thin entry point.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Batches follow docs/INTERNALS.md: `inputs`, `targets`, `weights` [B, L], plus
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -33,6 +34,34 @@ def get_model(model_config: Any) -> nn.Module:
   spec = Spec.from_config(model_config)
   return {"transformer": Transformer, "knnlm": Transformer, "retro": Retro,
           "realm": RealmReader}[spec.name](spec)
+
+
+def get_decoder(model_config: Any) -> nn.Module:
+  """The module that decodes incrementally (`decode=True`), without remat: the model
+  itself, or for REALM its reader (a `Transformer` on `params["reader"]`)."""
+  spec = dataclasses.replace(Spec.from_config(model_config), remat=False)
+  return Transformer(spec) if spec.name == "realm" else get_model(spec)
+
+
+def init_cache(model_config: Any, batch_size: int, length: int) -> Any:
+  """The zeroed decoding cache of `get_decoder` for `batch_size` sequences of `length` tokens.
+
+      logits_BxTxV, mutated = decoder.apply({"params": params, "cache": cache}, tokens_BxT,
+                                            decode=True, mutable=["cache"])
+      cache = mutated["cache"]
+
+  Each call appends T tokens (RETRO: one; pass `neighbours` [B, 1, K, R] of chunk c with
+  the token that completes it, position (c+1)m-1, else None).
+  """
+  spec = Spec.from_config(model_config)
+  args = [jnp.zeros((batch_size, length), jnp.int32)]
+  if spec.name == "retro":
+    chunks = -(-length // spec.chunk_size)
+    args.append(jnp.zeros((batch_size, chunks, spec.num_neighbours, spec.neighbour_len),
+                          jnp.int32))
+  decoder = get_decoder(spec)
+  shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), *args, decode=True))
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes["cache"])
 
 
 def model_inputs(model_config: Any, batch: Mapping[str, jax.Array]) -> tuple:
@@ -64,10 +93,33 @@ def param_axes(model_config: Any, batch: Mapping[str, jax.Array]) -> Any:
 
 
 def token_log_probs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """log p(target) per position, float32 [B, L]."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  target_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  return target_BxL - jax.nn.logsumexp(logits, axis=-1)
+  """log p(target) per position, float32 [B, L] (any leading axes)."""
+  return _target_log_prob(logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+@jax.custom_vjp
+def _target_log_prob(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  return _target_log_prob_fwd(logits_BxLxV, targets_BxL)[0]
+
+
+def _target_log_prob_fwd(logits_BxLxV: jax.Array, targets_BxL: jax.Array):
+  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return target_BxL - lse_BxL, (logits_BxLxV, targets_BxL, lse_BxL)
+
+
+def _target_log_prob_bwd(residuals, g_BxL: jax.Array):
+  """d/dlogits = g * (onehot(target) - softmax) in one fused pass over the logits: autodiff
+  would keep exp(logits) from the forward and scatter the target gradient into a zero
+  [B, L, V] array, two more full-size buffers."""
+  logits_BxLxV, targets_BxL, lse_BxL = residuals
+  onehot_BxLxV = targets_BxL[..., None] == jnp.arange(logits_BxLxV.shape[-1])
+  probs_BxLxV = jnp.exp(logits_BxLxV - lse_BxL[..., None])
+  dlogits_BxLxV = g_BxL[..., None] * (onehot_BxLxV.astype(jnp.float32) - probs_BxLxV)
+  return dlogits_BxLxV, None
+
+
+_target_log_prob.defvjp(_target_log_prob_fwd, _target_log_prob_bwd)
 
 
 def make_loss_fn(model_config: Any) -> LossFn:

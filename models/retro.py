@@ -10,10 +10,18 @@ of chunk c's neighbours; the first m-1 positions get no CCA, and of the last chu
 window only position L-1 lies inside the sequence (the rest is dropped). Hence the
 neighbours of chunk c influence only positions >= (c+1)m-1. Everything is batched over
 chunks ([B*C, m, D] queries against [B*C, K*R, E] keys): no Python loop over chunks.
+
+Decoding (`decode=True`, one token per call, see `models.init_cache`) caches the
+self-attention keys and values of every layer, the current chunk's states at the first CCA
+layer, and the encoded neighbours of the last completed chunk. The neighbours of chunk c
+arrive with the token that completes it (position (c+1)m-1): they are encoded against the
+cached states of chunk c, and that token and the next m-1 attend to them. No earlier state
+changes when they arrive, so the cached logits equal the full forward's.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -60,17 +68,73 @@ class Retro(Transformer):
     h_NxMxD = jnp.pad(x_BxLxD[:, m - 1:], ((0, 0), (0, m - 1), (0, 0))).reshape(N, m, D)
     valid_NxT = valid_NxKxR.reshape(N, K * R)
     upd_NxMxD = block.cross_attention(
-        h_NxMxD, enc_NxKxRxE.reshape(N, K * R, E), jnp.arange(m) + m - 1,
-        jnp.tile(jnp.arange(R), K), valid_NxT[:, None, None, :], deterministic)
+        h_NxMxD, enc_NxKxRxE.reshape(N, K * R, E), tuple(range(m - 1, 2 * m - 1)),
+        tuple(range(R)) * K, valid_NxT[:, None, None, :], deterministic)
     upd_NxMxD = upd_NxMxD * valid_NxT.any(-1)[:, None, None].astype(upd_NxMxD.dtype)
     upd_BxLxD = upd_NxMxD.reshape(B, L, D)
     return jnp.pad(upd_BxLxD[:, :L - (m - 1)], ((0, 0), (m - 1, 0), (0, 0)))
 
+  @nn.compact
+  def chunk_memory(self, batch: int) -> tuple[nn.Variable, nn.Variable, nn.Variable]:
+    """Decoding cache of CCA: the current chunk's states at the first CCA layer [B, m, D],
+    and the last completed chunk's encoded neighbours [B, K, R, E] and their validity."""
+    s = self.spec
+    K, R = s.num_neighbours, s.neighbour_len
+    return (self.variable("cache", "chunk_states", jnp.zeros,
+                          (batch, s.chunk_size, s.width), s.dtype),
+            self.variable("cache", "neighbours", jnp.zeros,
+                          (batch, K, R, s.encoder.width), s.dtype),
+            self.variable("cache", "neighbour_valid", jnp.zeros, (batch, K, R), bool))
+
+  def _cca_step(self, block: DecoderBlock, x_Bx1xD: jax.Array, enc_BxKxRxE: jax.Array,
+                valid_BxKxR: jax.Array, pos: jax.Array) -> jax.Array:
+    """The CCA update of the token at position `pos` (the last completed chunk's window)."""
+    m = self.spec.chunk_size
+    B, K, R, E = enc_BxKxRxE.shape
+    valid_BxT = valid_BxKxR.reshape(B, K * R)
+    upd_Bx1xD = block.cross_attention(
+        x_Bx1xD, enc_BxKxRxE.reshape(B, K * R, E), ((pos - (m - 1)) % m + m - 1)[None],
+        tuple(range(R)) * K, valid_BxT[:, None, None, :], deterministic=True)
+    live_B = valid_BxT.any(-1) & (pos >= m - 1)
+    return upd_Bx1xD * live_B[:, None, None].astype(upd_Bx1xD.dtype)
+
+  def _decode_step(self, inputs_Bx1: jax.Array, neighbours_Bx1xKxR: jax.Array | None
+                   ) -> jax.Array:
+    """Logits [B, 1, V] of the next token; `neighbours` only with a chunk's last token."""
+    s = self.spec
+    m = s.chunk_size
+    B, T = inputs_Bx1.shape
+    if T != 1:
+      raise UserError(f"RETRO decodes one token per call, got {T}; feed a prompt token by "
+                      "token (its chunks' neighbours arrive with their last tokens)")
+    shape = (B, 1, s.num_neighbours, s.neighbour_len)
+    if neighbours_Bx1xKxR is not None and neighbours_Bx1xKxR.shape != shape:
+      raise UserError(f"decoding RETRO neighbours have shape {neighbours_Bx1xKxR.shape}; "
+                      f"expected {shape}: the K neighbours of the chunk this token completes")
+    pos_1, mask_Bx1x1xS = self.decode_positions(inputs_Bx1)
+    states, encoded, valid = self.chunk_memory(B)
+    first_cca = min(s.cca_layers) - 1
+    x_Bx1xD = self.embed(inputs_Bx1)
+    for i, block in enumerate(self.blocks):
+      x_Bx1xD = block.self_attention(x_Bx1xD, True, mask_Bx1x1xS, pos_1, decode=True)
+      if i == first_cca:
+        states.value = jax.lax.dynamic_update_slice(states.value, x_Bx1xD, (0, pos_1[0] % m, 0))
+        if neighbours_Bx1xKxR is not None:
+          nbr_BxKxR = neighbours_Bx1xKxR[:, 0]
+          valid.value = nbr_BxKxR != 0
+          encoded.value = self.encoder(self.embed(nbr_BxKxR), valid.value, states.value, True)
+      if self.has_cca(i):
+        x_Bx1xD = x_Bx1xD + self._cca_step(block, x_Bx1xD, encoded.value, valid.value, pos_1[0])
+      x_Bx1xD, _ = block.feed_forward(x_Bx1xD, True)
+    return self.logits(x_Bx1xD)
+
   def __call__(self, inputs_BxL: jax.Array, neighbours_BxCxKxR: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, decode: bool = False) -> jax.Array:
     s = self.spec
     m = s.chunk_size
     B, L = inputs_BxL.shape
+    if decode and not self.is_initializing():
+      return self._decode_step(inputs_BxL, neighbours_BxCxKxR)
     if neighbours_BxCxKxR is None:
       if not self.is_initializing():
         return super().__call__(inputs_BxL, deterministic)
@@ -81,10 +145,14 @@ class Retro(Transformer):
     _, C, K, R = nbr_BxCxKxR.shape
     tokens_BxL = jnp.pad(inputs_BxL, ((0, 0), (0, C * m - L)))
     valid_NxKxR = (nbr_BxCxKxR != 0).reshape(B * C, K, R)
+    pos_L = mask_Bx1xLxS = None
+    if decode:  # initialising the decoding cache: this input's length sizes it
+      pos_L, mask_Bx1xLxS = self.decode_positions(tokens_BxL)
+      self.chunk_memory(B)
     x_BxLxD = self.drop(self.embed(tokens_BxL), deterministic=deterministic)
     enc_NxKxRxE = None
     for i, block in enumerate(self.blocks):
-      x_BxLxD = block.self_attention(x_BxLxD, deterministic)
+      x_BxLxD = block.self_attention(x_BxLxD, deterministic, mask_Bx1xLxS, pos_L, decode)
       if self.has_cca(i):
         if enc_NxKxRxE is None:
           nbr_NxKxRxD = self.embed(nbr_BxCxKxR).reshape(B * C, K, R, s.width)

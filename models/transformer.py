@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers import DecoderBlock, RMSNorm, Spec, dense_init, embed_init
+from models.layers import DecoderBlock, Kernel, RMSNorm, Spec, dense, embed_init
 
 
 class Transformer(nn.Module):
@@ -28,8 +28,7 @@ class Transformer(nn.Module):
     self.embed = nn.Embed(s.vocab_size, s.width, dtype=s.dtype, embedding_init=embed_init())
     self.blocks = [DecoderBlock(s, cross=self.has_cca(i)) for i in range(s.num_layers)]
     self.final_norm = RMSNorm(s.dtype)
-    self.lm_head = nn.Dense(s.vocab_size, use_bias=False, dtype=s.dtype,
-                            kernel_init=dense_init(("embed", "vocab")))
+    self.lm_head = Kernel((s.vocab_size,), ("embed", "vocab"))
     self.drop = nn.Dropout(s.dropout)
 
   def has_cca(self, layer: int) -> bool:
@@ -38,24 +37,52 @@ class Transformer(nn.Module):
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     """Final norm and output projection; float32 logits whatever the compute dtype."""
-    return self.lm_head(self.final_norm(x_BxLxD)).astype(jnp.float32)
+    s = self.spec
+    return dense(self.final_norm(x_BxLxD), self.lm_head((s.width,)), s.dtype).astype(jnp.float32)
+
+  @nn.compact
+  def decode_positions(self, inputs_BxT: jax.Array, valid_BxT: jax.Array | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Decoding: (positions [T] of the new tokens, mask [B, 1, T, S] over the cache).
+
+    The "cache" collection holds the next position and which of the S cached positions
+    are valid keys (`init` with decode sizes S by its input). A query sees the valid
+    positions up to its own, and always itself.
+    """
+    B, T = inputs_BxT.shape
+    valid_BxT = jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT.astype(bool)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    valid = self.variable("cache", "valid", jnp.zeros, (B, T), bool)
+    start = index.value
+    valid.value = jax.lax.dynamic_update_slice(valid.value, valid_BxT, (0, start))
+    index.value = start + T
+    pos_T = start + jnp.arange(T)
+    pos_S = jnp.arange(valid.value.shape[1])
+    sees_1x1xTxS = (pos_S[None, :] <= pos_T[:, None])[None, None]
+    self_1x1xTxS = (pos_S[None, :] == pos_T[:, None])[None, None]
+    return pos_T, sees_1x1xTxS & (valid.value[:, None, None, :] | self_1x1xTxS)
 
   def __call__(self, inputs_BxL: jax.Array, deterministic: bool = True,
-               return_key: bool = False, valid_BxL: jax.Array | None = None
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+               return_key: bool = False, valid_BxL: jax.Array | None = None,
+               decode: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Logits [B, L, V]; with `return_key` also the kNN-LM key [B, L, D] (float32).
 
     The key is the normalised input to the last block's feed-forward layer (Khandelwal
     et al. 2020). `valid_BxL` (optional) masks invalid tokens as attention keys (REALM's
     padded document prefix); every token still attends to itself.
+
+    `decode=True` (with the "cache" collection mutable, see `models.init_cache`): the
+    inputs are the next L tokens after those already cached, and the outputs are theirs.
     """
-    mask_Bx1xLxL = None
-    if valid_BxL is not None:
+    pos_L = mask_Bx1xLxS = None
+    if decode:
+      pos_L, mask_Bx1xLxS = self.decode_positions(inputs_BxL, valid_BxL)
+    elif valid_BxL is not None:
       eye_LxL = jnp.eye(inputs_BxL.shape[1], dtype=bool)
-      mask_Bx1xLxL = valid_BxL[:, None, None, :] | eye_LxL[None, None]
+      mask_Bx1xLxS = valid_BxL[:, None, None, :] | eye_LxL[None, None]
     x_BxLxD = self.drop(self.embed(inputs_BxL), deterministic=deterministic)
     for block in self.blocks:
-      x_BxLxD, key_BxLxD = block(x_BxLxD, deterministic, mask_Bx1xLxL)
+      x_BxLxD, key_BxLxD = block(x_BxLxD, deterministic, mask_Bx1xLxS, pos_L, decode)
     logits_BxLxV = self.logits(x_BxLxD)
     if return_key:
       return logits_BxLxV, key_BxLxD.astype(jnp.float32)

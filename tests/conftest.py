@@ -1,4 +1,4 @@
-"""Test-wide settings: a private artifact cache and offline Hugging Face."""
+"""Test-wide settings: Hugging Face stays offline; tokenizers do not fork threads."""
 
 from __future__ import annotations
 

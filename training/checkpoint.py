@@ -18,8 +18,8 @@ checkpoint would lose the optax NamedTuple types).
 Crash safety: orbax writes each step into `<step>.orbax-checkpoint-tmp/` and renames it into
 place when complete, so a process killed mid-save leaves only a tmp directory, which is
 never listed as a step and is deleted when the next writer opens the directory. A save
-that fails because the disk is full removes its partial step and raises a one-line
-`UserError`; the earlier checkpoints are untouched.
+that fails because the disk is full raises a one-line `UserError` naming the step, and its
+partial directory is deleted on `close()`; the earlier checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -116,7 +117,7 @@ class Checkpoints:
   Saves happen at steps that are multiples of `every` (or with `force=True`).
   Use as a context manager, or call `close()`: it waits for the last async save.
   A failed save (disk full: a one-line UserError) surfaces in the next `save`,
-  `wait_until_finished` or `close`, after its partial step directory has been removed.
+  `wait_until_finished` or `close`; `close` deletes its partial step directory.
   """
 
   def __init__(self, workdir: str | os.PathLike, every: int = 1, keep: int | None = None,
@@ -128,15 +129,17 @@ class Checkpoints:
     if read_only and not self.directory.is_dir():
       raise UserError(f"no checkpoints in {workdir} (missing {self.directory}); train first "
                       f"(python train.py --config NAME --workdir {workdir})")
+    if not read_only:
+      self._remove_unfinished("*")  # steps a killed process left half-written
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)  # steps a killed process left half-written
+        create=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=_registry())
     self._saving: int | None = None  # the step of the save in flight
     self._failed: list[int] = []  # steps whose save failed (partial files removed on close)
+    self._threads_before: set[threading.Thread] = set()  # alive when the last save started
 
   @classmethod
   def from_config(cls, workdir: str | os.PathLike,
@@ -159,6 +162,7 @@ class Checkpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave({**meta, "step": step}))
     self._saving = step
+    self._threads_before = set(threading.enumerate())
     with self._failures():
       return self._manager.save(step, args=args, force=True)
 
@@ -189,12 +193,12 @@ class Checkpoints:
 
   def _disk_full(self, step: int) -> UserError:
     self._manager.reload()  # the manager's own list may hold the step that failed
-    kept = [s for s in self._manager.all_steps() if s != step]
-    free_mb = shutil.disk_usage(self.directory).free / 2**20
-    kept = (f"the checkpoint of step {max(kept)} is intact" if kept
+    earlier = [s for s in self._manager.all_steps() if s != step]
+    free_mib = shutil.disk_usage(self.directory).free / 2**20
+    kept = (f"the checkpoint of step {max(earlier)} is intact" if earlier
             else "no earlier checkpoint exists")
     return UserError(f"the disk is full: the checkpoint of step {step} could not be written "
-                     f"to {self.directory} ({free_mb:.1f} MiB free); {kept} and the partial "
+                     f"to {self.directory} ({free_mib:.1f} MiB free); {kept} and the partial "
                      f"step {step} is discarded; free space (or lower "
                      f"--config.train.keep_checkpoints) and rerun the same command to resume")
 
@@ -258,9 +262,27 @@ class Checkpoints:
     self._close_manager()
 
   def _close_manager(self) -> None:
-    """Closes orbax (its writer threads are done after this), then drops failed steps."""
+    """Closes orbax, then deletes the partial directories of failed saves.
+
+    Orbax stops waiting at a save's first error while its other writer threads may still
+    be writing into that step's tmp directory: those threads finish before it is deleted.
+    """
     self._manager.close()
+    if not self._failed:
+      return
+    for thread in set(threading.enumerate()) - self._threads_before:
+      if not thread.daemon and thread is not threading.current_thread():
+        thread.join(timeout=300)
     for step in self._failed:
+      self._remove_unfinished(str(step))
+
+  def _remove_unfinished(self, step: str) -> None:
+    """Deletes the tmp directories of unfinished saves of `step` ("*": any step).
+
+    Synchronously, before anything is saved (orbax's own `cleanup_tmp_directories` runs in
+    a thread that a short-lived process can outlive); on process 0 only.
+    """
+    if jax.process_index() == 0 and self.directory.is_dir():
       for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -132,10 +132,10 @@ class _StopSignals:
   """SIGTERM/SIGINT during training set a flag; the loop saves at the next step boundary.
 
   A second signal restores the previous handlers and re-delivers itself (Ctrl-C twice
-  stops at once; checkpoints on disk stay consistent). Handlers are installed only in the
-  main thread of a single-process job: a multi-host job uses JAX's preemption service
-  instead, whose sync point every host consults after every step (`requested`), so all
-  hosts save the same step.
+  stops at once; checkpoints on disk stay consistent); an ignored signal stays ignored.
+  Handlers are installed only in the main thread of a single-process job: a multi-host
+  job uses JAX's preemption service instead, whose sync point every host consults after
+  every step (`requested`), so all hosts save the same step.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -147,7 +147,8 @@ class _StopSignals:
 
   def __enter__(self) -> _StopSignals:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                        if signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. nohup'd jobs
     return self
 
   def __exit__(self, *exc) -> None:
@@ -212,7 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if saved is not None:
     _check_same_run(saved, meta, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpoints.from_config(workdir, t)
   first = 0
   if ckpt.latest_step() is not None:
@@ -223,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"resuming from step {first} in {workdir}", flush=True)
   else:
     state, shardings = create_train_state(config, jax.random.PRNGKey(config.seed), example, mesh)
+  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   loss_fn = models.make_loss_fn(config.model)
   step_fn = make_train_step(config, loss_fn, shardings, mesh)
   eval_fn = make_eval_fn(config.model)

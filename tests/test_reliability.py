@@ -1,0 +1,529 @@
+"""Reliability (issue #8): exact resume after SIGKILL (also mid-save), SIGTERM/SIGINT
+preemption, resumable artifact builds, divergence, a full disk, and one-line errors for bad
+inputs through the command line. docs/RELIABILITY.md's table is checked against this file.
+
+Subprocess runs use `DRIVER`: it imports the real entry point, optionally slows each train
+step down (so a signal can land mid-run) or kills itself at a chosen moment, then runs it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+import configs
+import eval as eval_lib
+import train
+from common import artifacts
+from common.errors import UserError
+from retrieval import build, neighbours
+from test_embedder import write_tiny_bert
+from test_train_eval import _write_corpus
+from training import checkpoint, loop
+from training import metrics as metrics_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "RELIABILITY.md"
+STEPS, EVERY = 12, 4
+TRAIN = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.warmup_steps=2",
+         "train.eval_every=1000", "train.log_every=1"]
+ENV = {**os.environ, "TQDM_DISABLE": "1"}  # stderr holds only what the program says
+
+DRIVER = """
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started
+import training.loop as loop                               # where SIGINT is ignored
+make_train_step = loop.make_train_step
+def slow_train_step(*args, **kwargs):
+  step_fn = make_train_step(*args, **kwargs)
+  def run(state, batch):
+    time.sleep(float(os.environ.get("STEP_SECONDS", "0")))
+    return step_fn(state, batch)
+  return run
+loop.make_train_step = slow_train_step
+{patch}
+sys.argv = sys.argv[1:]
+if sys.argv[0].endswith(".py"):
+  runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+  runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+KILL_MID_SAVE = """
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+save_fn = handler.JsonCheckpointHandler._save_fn
+async def save_or_die(self, x, directory):
+  if "/" + os.environ["KILL_AT_SAVE"] + ".orbax-checkpoint-tmp/" in str(directory):
+    os.kill(os.getpid(), signal.SIGKILL)  # the state item may be half written by now
+  return await save_fn(self, x, directory)
+handler.JsonCheckpointHandler._save_fn = save_or_die
+"""
+KILL_MID_BUILD = """
+import retrieval.neighbours as neighbours
+neighbours.QUERY_CHUNKS_PER_SHARD = int(os.environ["CHUNKS_PER_SHARD"])
+retrieve, calls = neighbours.retrieve, []
+def retrieve_or_die(*args, **kwargs):
+  calls.append(1)
+  if len(calls) > int(os.environ["KILL_AFTER_SHARDS"]):
+    os.kill(os.getpid(), signal.SIGKILL)
+  return retrieve(*args, **kwargs)
+neighbours.retrieve = retrieve_or_die
+"""
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+  """Overrides for a 10-document synthetic corpus and a module-private artifact cache."""
+  root = tmp_path_factory.mktemp("reliability")
+  glob = _write_corpus(root / "corpus")
+  return [f"data.corpus={glob}", f"data.cache_dir={root / 'cache'}", "data.max_documents=0",
+          "data.val_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+  """An uninterrupted tiny_transformer run of STEPS steps: the reference for every resume."""
+  workdir = tmp_path_factory.mktemp("straight")
+  train.train_and_evaluate(configs.load("tiny_transformer", [*data, *TRAIN]), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def retro(data, tmp_path_factory) -> list[str]:
+  """Overrides for tiny_retro with a tiny random BERT embedder; its artifacts built once."""
+  bert = write_tiny_bert(tmp_path_factory.mktemp("embedder") / "bert")
+  overrides = [*data, f"retrieval.embedder={bert}", "retrieval.embed_max_tokens=64"]
+  build.build_all(configs.load("tiny_retro", overrides))
+  return overrides
+
+
+@pytest.fixture(scope="module")
+def knn_run(data, tmp_path_factory) -> Path:
+  """A tiny_knnlm checkpoint whose kNN-LM datastore was built by evaluating it."""
+  root = tmp_path_factory.mktemp("knn")
+  overrides = [*data, f"data.cache_dir={root / 'cache'}", "train.steps=2"]
+  train.train_and_evaluate(configs.load("tiny_knnlm", overrides), str(root / "run"))
+  eval_lib.evaluate(root / "run", knn={"k": 4})
+  return root / "run"
+
+
+def _cli(overrides: list[str]) -> list[str]:
+  return [f"--config.{o}" for o in overrides]
+
+
+def _driver(*argv: str, patch: str = "", **env: str) -> subprocess.Popen:
+  code = DRIVER.format(patch=patch)
+  return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=ROOT, env={**ENV, **env},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _logged_step(workdir: Path) -> int:
+  path = workdir / metrics_lib.JSONL
+  records = metrics_lib.read_jsonl(path) if path.exists() else []
+  return max((r["step"] for r in records), default=0)
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 240) -> int:
+  """Polls metrics.jsonl until `step` is logged (the run is then at step + 1 or later)."""
+  deadline = time.monotonic() + timeout
+  while (logged := _logged_step(workdir)) < step:
+    assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[1][-3000:]}"
+    assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
+    time.sleep(0.01)
+  return logged
+
+
+def _params(workdir: Path) -> list[np.ndarray]:
+  _, params = train.load_checkpoint(workdir)
+  return jax.tree.leaves(jax.device_get(params))
+
+
+def _assert_same_params(workdir: Path, reference: Path) -> None:
+  for got, want in zip(_params(workdir), _params(reference), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+  return {r["step"]: r["train/loss"] for r in metrics_lib.read_jsonl(workdir / metrics_lib.JSONL)
+          if "train/loss" in r}
+
+
+def _tmp_step_dirs(workdir: Path) -> list[str]:
+  return sorted(p.name for p in checkpoint.checkpoint_dir(workdir).glob("*.orbax-checkpoint-tmp*"))
+
+
+def _handlers() -> dict[int, object]:
+  return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _steps(workdir: Path) -> list[int]:
+  with checkpoint.Checkpoints(workdir, read_only=True) as ckpt:
+    return ckpt.all_steps()
+
+
+# --- 1. exact resume after SIGKILL -----------------------------------------------------------
+
+def test_sigkill_at_random_step_resumes_bit_identical(data, straight, tmp_path):
+  """Killed after a random step and rerun: the same losses and bit-identical parameters."""
+  workdir = tmp_path / "run"
+  kill_after = random.randint(1, STEPS - 3)
+  proc = _driver("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
+                 *_cli([*data, *TRAIN]), STEP_SECONDS="0.1")
+  logged = _wait_for_step(proc, workdir, kill_after)
+  proc.kill()
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL and logged < STEPS
+  assert not (workdir / "final_metrics.json").exists()
+
+  rerun = _run("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
+               *_cli([*data, *TRAIN]))
+  assert rerun.returncode == 0, (kill_after, rerun.stderr[-3000:])
+  resumed = re.search(r"resuming from step (\d+)", rerun.stdout)
+  first = int(resumed[1]) if resumed else 0
+  assert first % EVERY == 0 and first <= logged + 1, (logged, rerun.stdout)
+  _assert_same_params(workdir, straight)
+  assert _losses(workdir) == _losses(straight), f"killed after step {kill_after}"
+
+
+def test_sigkill_during_checkpoint_save(data, straight, tmp_path, capsys):
+  """Killed while step 8 is being written: only complete steps are trusted, the half-written
+  one is deleted on restart, and the rerun ends bit-identical."""
+  workdir = tmp_path / "run"
+  proc = _driver("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
+                 *_cli([*data, *TRAIN]), patch=KILL_MID_SAVE, KILL_AT_SAVE="8")
+  proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL
+  assert _tmp_step_dirs(workdir) == ["8.orbax-checkpoint-tmp"]
+  assert _steps(workdir) == [4]
+  config, _ = train.load_checkpoint(workdir)  # a reader sees step 4, whole
+  assert config.train.steps == STEPS
+
+  train.train_and_evaluate(configs.load("tiny_transformer", [*data, *TRAIN]), str(workdir))
+  assert "resuming from step 4" in capsys.readouterr().out
+  assert _tmp_step_dirs(workdir) == [] and _steps(workdir) == [4, 8, 12]
+  _assert_same_params(workdir, straight)
+  assert _losses(workdir) == _losses(straight)
+
+
+# --- 2. preemption: SIGTERM / SIGINT --------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_current_step_and_exits_0(sig, data, straight, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  proc = _driver("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
+                 *_cli([*data, *TRAIN]), STEP_SECONDS="0.1")
+  _wait_for_step(proc, workdir, random.randint(1, STEPS - 4))
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = re.search(rf"stopped at step (\d+) on {sig.name}: checkpoint saved in (\S+); "
+                      rf"rerun the same command to resume", out)
+  assert stopped, out[-2000:]
+  step = int(stopped[1])
+  assert step < STEPS and Path(stopped[2]) == checkpoint.checkpoint_dir(workdir) / str(step)
+  assert _steps(workdir)[-1] == step  # saved at the step it stopped at, not the last interval
+  assert "Traceback" not in err
+
+  handlers = _handlers()
+  train.train_and_evaluate(configs.load("tiny_transformer", [*data, *TRAIN]), str(workdir))
+  assert _handlers() == handlers  # the loop's own handlers are gone again
+  assert f"resuming from step {step}" in capsys.readouterr().out
+  _assert_same_params(workdir, straight)
+  assert _losses(workdir) == _losses(straight)
+
+
+# --- 3. atomic, resumable artifacts -----------------------------------------------------------
+
+def test_killed_neighbour_build_resumes_from_last_shard(retro, tmp_path, monkeypatch):
+  """SIGKILL in the 4th shard of RETRO neighbours: nothing is committed, 3 shards are kept,
+  the rerun computes only the rest and equals a build that was never interrupted."""
+  cache = tmp_path / "cache"
+  shutil.copytree(Path(dict(o.split("=", 1) for o in retro)["data.cache_dir"]), cache,
+                  ignore=shutil.ignore_patterns(neighbours.RETRO))
+  overrides = [*retro, f"data.cache_dir={cache}"]
+  proc = _driver("retrieval.build", "--config", "tiny_retro", *_cli(overrides),
+                 patch=KILL_MID_BUILD, CHUNKS_PER_SHARD="16", KILL_AFTER_SHARDS="3")
+  proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL
+  [partial] = (cache / neighbours.RETRO).iterdir()
+  assert partial.name.endswith(".partial")
+  final = partial.with_name(partial.name.removesuffix(".partial"))
+  assert artifacts.read_manifest(final) is None and artifacts.read_manifest(partial) is None
+  assert len(list(partial.glob("*/shards/*.done"))) == 3
+
+  monkeypatch.setattr(neighbours, "QUERY_CHUNKS_PER_SHARD", 16)
+  retrieve, calls = neighbours.retrieve, []
+  monkeypatch.setattr(neighbours, "retrieve", lambda *a, **k: calls.append(1) or retrieve(*a, **k))
+  resumed = build.build_all(configs.load("tiny_retro", overrides)).retrieved
+  monkeypatch.undo()
+  splits = resumed.manifest["shapes"]
+  shards = sum(-(-shapes["neighbours"][0] // 8) for shapes in splits.values())  # 8 seq/shard
+  assert len(calls) == shards - 3 and resumed.directory == final and not partial.exists()
+  clean = build.build_all(configs.load("tiny_retro", retro)).retrieved  # never interrupted
+  for split, arrays in clean.arrays.items():
+    for name, array in arrays.items():
+      np.testing.assert_array_equal(resumed.arrays[split][name], array)
+
+
+# --- 4. divergence ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_step", [6, 8], ids=["between_checkpoints", "at_a_checkpoint"])
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(bad_step, data, tmp_path,
+                                                                   monkeypatch):
+  """Step `bad_step` returns a NaN loss and NaN parameters: training stops naming it, the
+  NaN state is never saved (not even at a checkpoint step), step 4 stays the latest."""
+  make_train_step = loop.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn, calls = make_train_step(*args, **kwargs), []
+
+    def run(state, batch):
+      state, metrics = step_fn(state, batch)
+      calls.append(1)
+      if len(calls) == bad_step:
+        state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
+      return state, metrics
+
+    return run
+
+  monkeypatch.setattr(loop, "make_train_step", poisoned)
+  handlers = _handlers()
+  with pytest.raises(UserError) as err:
+    train.train_and_evaluate(configs.load("tiny_transformer", [*data, *TRAIN]), str(tmp_path))
+  assert _handlers() == handlers  # restored on the error path too
+  msg = str(err.value)
+  assert "\n" not in msg and msg.startswith(f"training diverged at step {bad_step}: loss is nan")
+  assert "the bad state was not saved" in msg and "checkpoint (step 4) is kept" in msg
+  assert _steps(tmp_path) == [4] and _tmp_step_dirs(tmp_path) == []
+  assert all(np.isfinite(p).all() for p in _params(tmp_path))
+  assert _logged_step(tmp_path) < bad_step  # the bad step's metrics are not logged as good
+
+
+# --- 5. disk full -------------------------------------------------------------------------------
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(data, straight, tmp_path,
+                                                            monkeypatch, capsys):
+  """The writer fails with ENOSPC at step 8: one line says so; step 4 is intact and a rerun
+  resumes from it to the same parameters."""
+  save_fn = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  async def full_disk(self, x, directory):
+    if "/8.orbax-checkpoint-tmp/" in str(directory):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await save_fn(self, x, directory)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
+  config = configs.load("tiny_transformer", [*data, *TRAIN])
+  with pytest.raises(UserError) as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  msg = str(err.value)
+  assert "\n" not in msg and msg.startswith("the disk is full: the checkpoint of step 8 could "
+                                            f"not be written to {tmp_path / 'checkpoints'}")
+  assert "the checkpoint of step 4 is intact" in msg and "rerun the same command" in msg
+  assert _steps(tmp_path) == [4] and _tmp_step_dirs(tmp_path) == []
+  monkeypatch.undo()
+  capsys.readouterr()
+  train.train_and_evaluate(config, str(tmp_path))
+  assert "resuming from step 4" in capsys.readouterr().out
+  _assert_same_params(tmp_path, straight)
+
+
+def test_disk_full_on_a_real_full_filesystem(tmp_path):
+  """Checkpoints of incompressible 400 KB arrays into a 1 MiB tmpfs until it is full."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                           capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+  if not mounted:
+    pytest.skip("mounting a tmpfs needs root")
+  try:
+    w = np.random.default_rng(0).normal(size=100_000).astype(np.float32)
+    tree = {"params": {"w": jnp.asarray(w)}}
+    ckpt = checkpoint.Checkpoints(disk, keep=3)
+    with pytest.raises(UserError) as err:
+      for step in range(1, 10):
+        ckpt.save(step, tree, {})
+        ckpt.wait_until_finished()
+    ckpt.close()
+    full = int(re.search(r"checkpoint of step (\d+) could not be written", str(err.value))[1])
+    assert full > 1 and f"the checkpoint of step {full - 1} is intact" in str(err.value)
+    assert _steps(disk) == list(range(1, full)) and _tmp_step_dirs(disk) == []
+    np.testing.assert_array_equal(checkpoint.load_params(disk)["w"], w)
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+# --- 6. bad inputs: one line, exit 2, no traceback, nothing lost ---------------------------------
+
+def _copy(workdir: Path, tmp_path: Path) -> Path:
+  return Path(shutil.copytree(workdir, tmp_path / "run"))
+
+
+def _tamper(directory: Path, key: str) -> None:
+  """Rewrites a manifest input hash, as if the artifact had been built from other inputs."""
+  manifest = artifacts.read_manifest(directory)
+  manifest["inputs"][key] = "0" * 16
+  artifacts.atomic_write_text(directory / artifacts.MANIFEST, json.dumps(manifest))
+
+
+def _truncate_state(workdir: Path, step: int) -> None:
+  for path in (checkpoint.checkpoint_dir(workdir) / str(step) / "state").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[:10])
+
+
+def _corpus_case(files: dict[str, bytes]) -> Callable:
+  def setup(request, tmp_path):
+    for name, content in files.items():
+      (tmp_path / "corpus").mkdir(exist_ok=True)
+      (tmp_path / "corpus" / name).write_bytes(content)
+    data = request.getfixturevalue("data")
+    return ["train.py", "--config", "tiny_transformer", "--workdir", str(tmp_path / "run"),
+            *_cli([*data, f"data.corpus={tmp_path / 'corpus'}/*.txt"])], None
+  return setup
+
+
+def _retro_case(kind: str, key: str) -> Callable:
+  def setup(request, tmp_path):
+    retro = request.getfixturevalue("retro")
+    cache = Path(shutil.copytree(dict(o.split("=", 1) for o in retro)["data.cache_dir"],
+                                 tmp_path / "cache"))
+    [built] = [p for p in (cache / kind).iterdir() if artifacts.read_manifest(p)]
+    _tamper(built, key)
+    return ["train.py", "--config", "tiny_retro", "--workdir", str(tmp_path / "run"),
+            *_cli([*retro, f"data.cache_dir={cache}"])], cache
+  return setup
+
+
+def _knn_case(request, tmp_path):
+  run = request.getfixturevalue("knn_run")
+  cache = Path(json.loads((run / "config.json").read_text())["data"]["cache_dir"])
+  [store] = (cache / neighbours.KNN).iterdir()
+  _tamper(store, "model")
+  return ["eval.py", "--workdir", str(run)], run
+
+
+def _checkpoint_case(script: str, *argv: str, truncate: bool = False) -> Callable:
+  def setup(request, tmp_path):
+    data = request.getfixturevalue("data")
+    workdir = _copy(request.getfixturevalue("straight"), tmp_path)
+    if truncate:
+      _truncate_state(workdir, STEPS)
+    config_args = _cli([*data, *TRAIN]) if script == "train.py" else []
+    return [script, "--workdir", str(workdir), *argv, *config_args], workdir
+  return setup
+
+
+def _empty_workdir_case(request, tmp_path):
+  (tmp_path / "run").mkdir()
+  return ["eval.py", "--workdir", str(tmp_path / "run")], tmp_path / "run"
+
+
+# case id -> (setup(request, tmp_path) -> (argv, directory that must not change), words)
+CASES = {
+    "unknown_config": (lambda r, t: (["train.py", "--config", "retro_smal"], None),
+                       "unknown config 'retro_smal'; choose one of:"),
+    "missing_field": (lambda r, t: (["train.py", "--config", "tiny_retro",
+                                     "--config.train.stepz=1"], None),
+                      "config has no field 'train.stepz'; fields here:"),
+    "wrong_type": (lambda r, t: (["train.py", "--config", "tiny_retro",
+                                  "--config.train.steps=ten"], None),
+                   "--config.train.steps='ten': expected int"),
+    "missing_corpus": (_corpus_case({}), "no files match"),
+    "empty_corpus": (_corpus_case({"a.txt": b"", "b.txt": b"  \n"}),
+                     "has no non-empty documents"),
+    "short_corpus": (_corpus_case({"a.txt": b"To be.", "b.txt": b"Or not."}),
+                     "fewer than one sequence of data.seq_len+1=129; lower --config.data.seq_len"),
+    "non_utf8": (_corpus_case({"a.txt": b"caf\xe9 au lait", "b.txt": b"tea"}),
+                 "a.txt is not UTF-8 (byte 0xe9 at offset 3)"),
+    "neighbours_other_tokenizer": (_retro_case(neighbours.RETRO, "tokenizer"),
+                                   "stale retro_neighbours at"),
+    "index_other_embedder": (_retro_case("index", "embeddings"), "stale index at"),
+    "knn_datastore_other_checkpoint": (_knn_case, "stale knn_datastore at"),
+    "truncated_checkpoint_eval": (_checkpoint_case("eval.py", truncate=True),
+                                  "is truncated, corrupt or from another config"),
+    "truncated_checkpoint_train": (_checkpoint_case("train.py", "--config", "tiny_transformer",
+                                                    truncate=True),
+                                   "to fall back to the checkpoint of step 8"),
+    "other_model_type": (_checkpoint_case("train.py", "--config", "tiny_knnlm"),
+                         "holds a checkpoint of model 'transformer', this config trains "
+                         "'knnlm'"),
+    "other_model_shape": (_checkpoint_case("train.py", "--config", "tiny_transformer",
+                                           "--config.model.width=64"),
+                          "holds a checkpoint with model.width=32, this config has "
+                          "model.width=64"),
+    "eval_empty_workdir": (_empty_workdir_case, "no checkpoints in"),
+}
+
+
+def _snapshot(directory: Path | None) -> dict[str, tuple[int, int]] | None:
+  if directory is None:
+    return None
+  return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2(case, request, tmp_path):
+  setup, words = CASES[case]
+  argv, kept = setup(request, tmp_path)
+  before = _snapshot(kept)
+  proc = _run(*argv)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+  assert _snapshot(kept) == before  # nothing written, moved or deleted
+  if kept != tmp_path / "run":
+    assert not (tmp_path / "run").exists()  # a failed start leaves no workdir behind
+
+
+# --- 7. the table in docs/RELIABILITY.md --------------------------------------------------------
+
+def _table_rows() -> list[list[str]]:
+  rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+          for line in DOC.read_text().splitlines() if line.startswith("| ")]
+  return rows[1:]  # the header
+
+
+def test_reliability_table_is_backed_by_tests():
+  """Every row names a test of this file; every bad-input case has a row quoting its message."""
+  here = sys.modules[__name__]
+  rows = _table_rows()
+  assert rows
+  quoted = {}
+  for row in rows:
+    assert len(row) == 4, row
+    test_ids = re.findall(r"`(test_\w+)(?:\[(\w+)\])?`", row[3])
+    assert test_ids, f"row without a test: {row}"
+    for name, param in test_ids:
+      assert callable(getattr(here, name, None)), f"{name} (in {DOC.name}) is not a test here"
+      if name == "test_bad_input_is_one_line_exit_2":
+        assert param in CASES, f"{param} is not a case of {name}"
+        quoted[param] = row[1]
+  assert set(quoted) == set(CASES), f"cases without a row: {sorted(set(CASES) - set(quoted))}"
+  for case, (_, words) in CASES.items():
+    assert words in quoted[case], f"the row of {case} does not quote {words!r}"
