@@ -1,16 +1,19 @@
 """Evaluate a checkpoint: `python eval.py --workdir DIR [--step N] [--datastore CORPUS] [--knn]`.
 
-Prints a table and writes `<workdir>/eval_<split>.json`. RETRO is evaluated with and
+Prints a table and writes its rows to `<workdir>/eval_<split>.json`. RETRO is evaluated with and
 without retrieval (and with `--datastore` swapped in without retraining); kNN-LM with
 `--lam/--k/--temperature` plus a lambda sweep (table and `knn_sweep.png`); REALM at `--k`.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import configs
 from common import cli
+from common.artifacts import atomic_write_text
 from common.errors import cli_main
 from training.checkpoint import restore_meta
 from training.evaluation import evaluate, format_table
@@ -21,7 +24,9 @@ __all__ = ["evaluate", "main"]
 @cli_main
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   p = cli.parser("Validation perplexity of a checkpoint.", config_required=False)
-  p.add_argument("--workdir", required=True, help="run directory written by train.py")
+  p.add_argument("--workdir", default="runs/retro_small",
+                 help="run directory written by train.py (default runs/retro_small, where "
+                      "`python train.py --config retro_small` trains)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--split", default="validation", help="validation (default) or train")
   p.add_argument("--datastore", default=None,
@@ -33,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--exact", action="store_true", help="kNN-LM: report exact-distance numbers")
   p.add_argument("--batches", type=int, default=None, help="evaluate only N batches")
   args, _ = cli.parse(p, argv)
-  common = dict(split=args.split, step=args.step, batches=args.batches)
+  common = dict(split=args.split, step=args.step, batches=args.batches, write=False)
   model = configs.from_json(restore_meta(args.workdir, args.step)["config"]).model.name
   results = []
   if model == "retro":
@@ -51,10 +56,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.knn or model == "knnlm":
       knn = {"lam": args.lam, "k": args.k, "temperature": args.temperature,
              "exact": args.exact or None}
-    r = evaluate(args.workdir, knn=knn, **common)
+    r = evaluate(args.workdir, knn=knn, **{**common, "write": True})  # + the lambda-sweep PNG
     results.append({**r, "variant": model})
   print(format_table(results))
-  print(f"wrote {args.workdir}/eval_{args.split}.json")
+  out = Path(args.workdir) / f"eval_{args.split}.json"
+  atomic_write_text(out, json.dumps(results, indent=2))
+  print(f"wrote {out}")
   return results
 
 

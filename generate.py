@@ -61,7 +61,7 @@ from models.realm import RealmReader
 from retrieval import dataset, neighbours
 from retrieval import index as index_lib
 from training import checkpoint
-from training.evaluation import _check_data, _knn_settings, _params_hash, load_checkpoint
+from training.evaluation import check_data, knn_datastore, knn_settings, load_checkpoint
 
 KNN_CITATIONS = 4  # kNN-LM: datastore entries cited per chunk
 KNN_CONTEXT = 16  # kNN-LM: tokens of context shown before a cited entry's next token
@@ -510,13 +510,13 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
   if knn and name not in ("transformer", "knnlm"):
     raise UserError(f"kNN-LM sampling needs a decoder LM checkpoint (transformer/knnlm), "
                     f"not {name!r}")
-  settings = _knn_settings(config, knn)
+  settings = knn_settings(config, knn)
   realm_k = config.eval.realm_k if realm_k is None else realm_k
   if name == "realm" and realm_k < 1:
     raise UserError(f"realm_k={realm_k} must be >= 1")
   prepared = dataset.prepare(config)
   if meta is not None:
-    _check_data(meta, prepared.hashes, Path(source))
+    check_data(meta, prepared.hashes, Path(source))
   tok = prepared.tokenizer
   prompt_ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
   batch = _Batch(prompt_ids, int(max_tokens), tok.eos_id, stop_at_eos)
@@ -538,11 +538,7 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
                    realm_k)
     cited = [lambda first, last, t=dict(trace[b]): t[last] for b in range(len(prompts))]
   elif settings is not None:
-    model = models.get_model(config.model)
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
-    model_hash = (f"step{meta['step']}-{_params_hash(params)}" if meta is not None
-                  else f"params-{_params_hash(params)}")
-    store = neighbours.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
+    store, _ = knn_datastore(config, params, prepared, meta["step"] if meta else None)
     support = _knnlm(config, params, batch, sampler, keys_B, settings, store,
                      _KnnEntries(store, prepared.train, tok))
     cited = [functools.partial(_top_support, support[b]) for b in range(len(prompts))]

@@ -31,6 +31,20 @@ def knn_log_probs(dists_BxLxK: jax.Array, tokens_BxLxK: jax.Array, vocab_size: i
   return jnp.log(p_NxV).reshape(B, L, vocab_size)
 
 
+def knn_target_log_probs(dists_BxLxK: jax.Array, tokens_BxLxK: jax.Array,
+                         targets_BxL: jax.Array, temperature: float) -> jax.Array:
+  """log p_kNN(y) [B, L] of the targets only: `knn_log_probs` gathered at `targets`.
+
+  Sums the softmax weights of the neighbours whose token is the target, O(K) per
+  position instead of a [B, L, V] scatter: what evaluation needs.
+  """
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise UserError(f"kNN temperature {temperature} must be positive (eval.knn_temperature)")
+  w_BxLxK = jax.nn.softmax(-dists_BxLxK.astype(jnp.float32) / temperature, axis=-1)
+  hit_BxLxK = tokens_BxLxK == targets_BxL[..., None]
+  return jnp.log(jnp.sum(jnp.where(hit_BxLxK, w_BxLxK, 0.0), axis=-1))
+
+
 def interpolate(lm_logp: jax.Array, knn_logp: jax.Array, lam: float) -> jax.Array:
   """log((1-lam) p_LM + lam p_kNN), exact at lam=0 (the LM) and lam=1 (the kNN)."""
   if isinstance(lam, (int, float)) and not 0.0 <= lam <= 1.0:

@@ -1,13 +1,15 @@
 """REALM (Guu et al. 2020) adapted to a causal LM: a retriever and a reader marginalised over z.
 
 The query is the first chunk of the input, x_q = inputs[:, :m]. The retriever scores a
-candidate chunk z as s(x, z) = q(x_q) . (W e_z), with q a trainable query encoder
+candidate chunk z as s(x, z) = q(x_q) . (W e_z) / sqrt(R), with q a trainable query encoder
 (width `model.realm.retriever_dim`), W a trainable linear map from the index space
 (`model.realm.embedding_dim`) and e_z the candidate's embedding in the index space:
 - doc_encoder="stale": e_z = batch["candidate_embeddings"] (from the index, no gradient);
-- doc_encoder="trainable": e_z = the document encoder over batch["candidates"] tokens,
-  recomputed in the step (gradients reach it).
-`embed_query` returns W^T q(x_q), the query in the index space, so a MIPS search of an
+- doc_encoder="trainable": e_z = the stale embedding plus a trainable document encoder
+  over batch["candidates"] tokens, recomputed in the step (gradients reach it). Its output
+  layer starts at zero, so the first index refresh reproduces the stale index, and training
+  moves the documents from there (REALM starts its encoders from a pre-trained retriever).
+`embed_query` returns W^T q(x_q) / sqrt(R), the query in the index space, so a MIPS search of an
 index of `embed_documents` (or of the original stale) vectors ranks by exactly s(x, z).
 A null document (empty chunk, all padding) with a learned scalar score is always
 candidate 0. The reader is a `Transformer` over [document ; input] with padded document
@@ -36,9 +38,11 @@ def marginal_log_likelihood(retrieval_logits_BxK: jax.Array, token_logp_BxKxL: j
 
 
 class PooledEncoder(nn.Module):
-  """Bidirectional encoder (model.encoder.* sizes) -> masked mean pool -> linear to out_dim."""
+  """Bidirectional encoder (model.encoder.* sizes) -> masked mean pool -> linear to out_dim
+  (zero-initialised with `zero_out`: a residual that starts as a no-op)."""
   spec: Spec
   out_dim: int
+  zero_out: bool = False
 
   @nn.compact
   def __call__(self, tokens_NxM: jax.Array, deterministic: bool) -> jax.Array:
@@ -51,8 +55,9 @@ class PooledEncoder(nn.Module):
     w_NxMx1 = valid_NxM[..., None].astype(jnp.float32)
     pooled_NxE = jnp.sum(x_NxMxE.astype(jnp.float32) * w_NxMx1, axis=1) / jnp.maximum(
         jnp.sum(w_NxMx1, axis=1), 1.0)
-    return nn.Dense(self.out_dim, use_bias=False, kernel_init=dense_init(("embed", None)),
-                    name="out")(pooled_NxE)
+    init = (nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None))
+            if self.zero_out else dense_init(("embed", None)))
+    return nn.Dense(self.out_dim, use_bias=False, kernel_init=init, name="out")(pooled_NxE)
 
 
 class RealmReader(nn.Module):
@@ -69,7 +74,7 @@ class RealmReader(nn.Module):
     self.reader = Transformer(s)
     self.query_encoder = PooledEncoder(s, s.retriever_dim)
     if s.doc_encoder == "trainable":
-      self.doc_encoder = PooledEncoder(s, s.embedding_dim)
+      self.doc_encoder = PooledEncoder(s, s.embedding_dim, zero_out=True)
     self.candidate_proj_ExR = self.param(
         "candidate_proj", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                        (None, None)),
@@ -78,16 +83,23 @@ class RealmReader(nn.Module):
                                  nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
 
   def embed_query(self, tokens_BxM: jax.Array, deterministic: bool = True) -> jax.Array:
-    """Query vectors in the index space [B, embedding_dim] (float32): W^T q(tokens)."""
-    q_BxR = self.query_encoder(tokens_BxM, deterministic)
-    return q_BxR @ self.candidate_proj_ExR.T
+    """Query vectors in the index space [B, embedding_dim] (float32): W^T q(tokens) / sqrt(R).
 
-  def embed_documents(self, tokens_NxM: jax.Array, deterministic: bool = True) -> jax.Array:
-    """Document vectors in the index space [N, embedding_dim] (float32)."""
+    The 1/sqrt(retriever_dim) keeps the initial retrieval logits O(1), as in attention:
+    unscaled dot products of the pooled encoders are O(10-100), which makes p(z|x) one-hot
+    from the first step and starves the retriever of gradient.
+    """
+    q_BxR = self.query_encoder(tokens_BxM, deterministic)
+    return (q_BxR @ self.candidate_proj_ExR.T) * self.spec.retriever_dim ** -0.5
+
+  def embed_documents(self, tokens_NxM: jax.Array, stale_NxE: jax.Array,
+                      deterministic: bool = True) -> jax.Array:
+    """Document vectors in the index space [N, embedding_dim] (float32): the stale
+    embeddings of the chunks plus the trainable encoder's correction."""
     if self.spec.doc_encoder != "trainable":
       raise UserError("embed_documents needs model.realm.doc_encoder='trainable'; with "
                       "'stale' the index vectors are fixed: re-query them with embed_query")
-    return self.doc_encoder(tokens_NxM, deterministic)
+    return stale_NxE.astype(jnp.float32) + self.doc_encoder(tokens_NxM, deterministic)
 
   def retrieval_logits(self, inputs_BxL: jax.Array, candidates_BxKxM: jax.Array,
                        candidate_embeddings_BxKxE: jax.Array | None,
@@ -95,18 +107,18 @@ class RealmReader(nn.Module):
     """Scores [B, K+1] of the null document (index 0) and the K candidates."""
     s = self.spec
     B, K, M = candidates_BxKxM.shape
-    if s.doc_encoder == "trainable":
-      emb_BxKxE = self.embed_documents(candidates_BxKxM.reshape(B * K, M),
-                                       deterministic).reshape(B, K, -1)
-    else:
-      if candidate_embeddings_BxKxE is None:
-        raise UserError("REALM with model.realm.doc_encoder='stale' needs "
-                        "batch['candidate_embeddings']; build the REALM candidates first")
-      emb_BxKxE = candidate_embeddings_BxKxE.astype(jnp.float32)
-    if emb_BxKxE.shape[-1] != s.embedding_dim:
-      raise UserError(f"candidate embeddings have width {emb_BxKxE.shape[-1]}, "
+    if candidate_embeddings_BxKxE is None:
+      raise UserError("REALM needs batch['candidate_embeddings'] (the candidates' stale "
+                      "index embeddings); build the REALM candidates first")
+    if candidate_embeddings_BxKxE.shape[-1] != s.embedding_dim:
+      raise UserError(f"candidate embeddings have width {candidate_embeddings_BxKxE.shape[-1]}, "
                       f"model.realm.embedding_dim is {s.embedding_dim}; set it to the "
                       "index's embedding width")
+    emb_BxKxE = candidate_embeddings_BxKxE.astype(jnp.float32)
+    if s.doc_encoder == "trainable":
+      emb_BxKxE = self.embed_documents(candidates_BxKxM.reshape(B * K, M),
+                                       emb_BxKxE.reshape(B * K, -1),
+                                       deterministic).reshape(B, K, -1)
     q_BxE = self.embed_query(inputs_BxL[:, :s.chunk_size], deterministic)
     scores_BxK = jnp.einsum("be,bke->bk", q_BxE, emb_BxKxE)
     null_Bx1 = jnp.broadcast_to(self.null_score, (B, 1))

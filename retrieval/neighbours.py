@@ -3,7 +3,8 @@
     store = load_datastore(config, prepared)                 # training split or another corpus
     nbrs = retro_neighbours(config, prepared)                # or realm_candidates(config, prepared)
     batch = {**prepared.train.batch(idx_B), **nbrs.batch("train", idx_B)}
-    new = refresh(embed_docs, embed_queries, store.split, splits, k)   # REALM stale-index refresh
+    new = refresh(embed_docs, embed_queries, store.split,             # REALM stale-index refresh
+                  datastore_embeddings(config, prepared, store), splits, k)
     knn = knn_datastore(config, prepared, keys_fn, model_hash)        # kNN-LM keys -> next tokens
     dists_NxK, tokens_NxK = knn.search(keys_NxD, k, exact=True)
 
@@ -366,6 +367,12 @@ def chunk_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSpli
   return embedder.embed_chunks_to_file(split.chunk_tokens(), tok, out), key
 
 
+def datastore_embeddings(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                         store: Datastore) -> np.ndarray:
+  """The datastore chunks' embeddings [N, E] under the configured embedder (cached memmap)."""
+  return chunk_embeddings(config, store.split, prepared.tokenizer, load_embedder(config))[0]
+
+
 def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarray,
                     embeddings_hash: str):
   """(FAISS index over the datastore embeddings, hash of it and its search settings).
@@ -500,43 +507,49 @@ def realm_candidates(config: ml_collections.ConfigDict, prepared: dataset.Prepar
 
 # --- REALM stale-index refresh ------------------------------------------------------------
 
-def _embed_in_batches(fn: Callable[[np.ndarray], np.ndarray], chunks_Nxm: np.ndarray,
+def _embed_in_batches(fn: Callable[..., np.ndarray], arrays: Sequence[np.ndarray],
                       batch_size: int, desc: str) -> np.ndarray:
-  """fn over fixed-size batches (the last one zero-padded, so a jitted fn compiles once)."""
-  n = len(chunks_Nxm)
+  """fn(*rows of arrays) over fixed-size batches (the last one zero-padded, so a jitted fn
+  compiles once)."""
+  n = len(arrays[0])
   out = None
   with tqdm(total=n, desc=desc, unit="chunk", unit_scale=True) as bar:
     for start in range(0, n, batch_size):
-      rows_Bxm = np.zeros((batch_size, chunks_Nxm.shape[1]), np.int32)
-      part = np.asarray(chunks_Nxm[start:start + batch_size])
-      rows_Bxm[:len(part)] = part
-      vecs_BxE = np.asarray(fn(rows_Bxm), np.float32)[:len(part)]
+      parts = [np.asarray(a[start:start + batch_size]) for a in arrays]
+      rows = [np.zeros((batch_size, *a.shape[1:]), a.dtype) for a in parts]
+      for row, part in zip(rows, parts):
+        row[:len(part)] = part
+      vecs_BxE = np.asarray(fn(*rows), np.float32)[:len(parts[0])]
       if out is None:
         out = np.empty((n, vecs_BxE.shape[1]), np.float32)
-      out[start:start + len(part)] = vecs_BxE
-      bar.update(len(part))
+      out[start:start + len(vecs_BxE)] = vecs_BxE
+      bar.update(len(vecs_BxE))
   return out
 
 
-def refresh(embed_docs: Callable[[np.ndarray], np.ndarray],
+def refresh(embed_docs: Callable[[np.ndarray, np.ndarray], np.ndarray],
             embed_queries: Callable[[np.ndarray], np.ndarray], datastore: dataset.TokenSplit,
-            splits: Mapping[str, dataset.TokenSplit], k: int, *, overfetch: int = 4,
+            stale_NxE: np.ndarray, splits: Mapping[str, dataset.TokenSplit], k: int, *,
+            overfetch: int = 4,
             metric: str = "ip", index_spec: str = "auto", memory_budget_gb: float = 4.0,
             nprobe: int = 16, ef_search: int = 64, batch_size: int = 256) -> Retrieved:
   """Re-embeds the datastore with new encoders and recomputes REALM candidates (in memory).
 
   Args:
-    embed_docs: int32 [n, m] datastore chunks -> float32 [n, E'] (the document encoder).
-    embed_queries: int32 [n, m] first chunks of sequences -> float32 [n, E'] (query encoder).
+    embed_docs: (int32 [n, m] datastore chunks, float32 [n, E] their stale embeddings)
+      -> float32 [n, E] (the document encoder).
+    embed_queries: int32 [n, m] first chunks of sequences -> float32 [n, E] (query encoder).
       Both are called on batches of exactly `batch_size` rows (the last one zero-padded).
     datastore: the chunk table to re-embed and index.
+    stale_NxE: its chunks' embeddings in the original index (what embed_docs starts from).
     splits: name -> split whose sequences get candidates.
     k: candidates per sequence; the other arguments configure the search as in the config.
   Returns:
-    Retrieved(kind=REALM) whose `candidate_embeddings` are the new document embeddings.
+    Retrieved(kind=REALM) of the new candidates; their `candidate_embeddings` are the stale
+    ones, which the model's document encoder takes as input in the step.
   """
   m = datastore.chunk_size
-  doc_NxE = _embed_in_batches(embed_docs, datastore.chunk_tokens(), batch_size,
+  doc_NxE = _embed_in_batches(embed_docs, (datastore.chunk_tokens(), stale_NxE), batch_size,
                               "refresh: embed datastore")
   index = index_lib.build_index(doc_NxE, metric, index_spec, memory_budget_gb=memory_budget_gb,
                                 nprobe=nprobe, ef_search=ef_search)
@@ -546,7 +559,7 @@ def refresh(embed_docs: Callable[[np.ndarray], np.ndarray],
     L = split.seq_len
     starts = np.arange(split.num_sequences) * L
     first_Sxm = np.asarray(split.tokens[starts[:, None] + np.arange(m)])
-    q_SxE = _embed_in_batches(embed_queries, first_Sxm, batch_size,
+    q_SxE = _embed_in_batches(embed_queries, (first_Sxm,), batch_size,
                               f"refresh: embed {name} queries")
     docs_SxJ = query_docs(split.token_doc, doc_codes(split.doc_ids, datastore.doc_ids),
                           starts, starts + L)
@@ -556,7 +569,7 @@ def refresh(embed_docs: Callable[[np.ndarray], np.ndarray],
         "candidate_ids": ids_SxK,
         "candidates": chunk_windows(datastore.tokens, datastore.token_doc, ids_SxK, m, m),
         "candidate_embeddings": np.where(live_SxK[..., None],
-                                         doc_NxE[np.where(live_SxK, ids_SxK, 0)], 0),
+                                         stale_NxE[np.where(live_SxK, ids_SxK, 0)], 0),
         "candidate_scores": scores_SxK}
   return Retrieved(kind=REALM, arrays=out)
 
@@ -641,13 +654,16 @@ def build_knn_datastore(keys_fn: Callable[[np.ndarray], np.ndarray], split: data
     arrays = sharded_rows(work, split.num_sequences, KNN_SEQUENCES_PER_SHARD, compute,
                           desc=f"kNN-LM keys ({split.name})", unit="tok",
                           units_per_row=split.seq_len)
-    index = index_lib.build_index(arrays["keys"], "l2", index_spec,  # float16 memmap, batched
+    n, d = arrays["keys"].shape
+    factory = (index_lib.choose_factory(n, d, memory_budget_gb) if index_spec == "auto"
+               else index_spec)
+    index = index_lib.build_index(arrays["keys"], "l2", factory,  # float16 memmap, batched
                                   memory_budget_gb=memory_budget_gb, nprobe=nprobe,
                                   ef_search=ef_search)
     index_lib.save_index(index, work / "index.faiss")
     artifacts.write_manifest(work, KNN, inputs, entries=int(arrays["keys"].shape[0]),
                              key_dim=int(arrays["keys"].shape[1]), keys_dtype="float16",
-                             values_dtype="int32", metric="l2", index_spec=index_spec,
+                             values_dtype="int32", metric="l2", index_spec=factory,
                              split=split.name)
   return KnnDatastore.load(directory, inputs, f"delete {directory} to rebuild it", nprobe,
                            ef_search)

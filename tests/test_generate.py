@@ -17,6 +17,7 @@ import pytest
 import configs
 import generate as gen
 import models
+import synthetic
 from common.errors import UserError
 from models import knnlm
 from models.realm import RealmReader
@@ -25,32 +26,10 @@ from retrieval import dataset, neighbours
 M = 64  # chunk size of the tiny configs
 
 
-def _write_corpus(directory: Path, num_docs: int = 6, words_per_doc: int = 600) -> str:
-  """Zipf-distributed pseudo-words with phrases shared across documents (something to retrieve)."""
-  rng = np.random.default_rng(0)
-  syllables = ["ka", "lo", "mi", "ren", "tu", "sa", "vo", "el", "dan", "qui", "po", "ras"]
-  words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)})
-  p = 1.0 / np.arange(1, len(words) + 1)
-  p /= p.sum()
-  phrases = [" ".join(rng.choice(words, size=12, p=p)) for _ in range(10)]
-  directory.mkdir(parents=True, exist_ok=True)
-  for d in range(num_docs):
-    parts = []
-    while sum(len(x.split()) for x in parts) < words_per_doc:
-      if rng.random() < 0.3:
-        parts.append(phrases[rng.integers(len(phrases))] + ".")
-      else:
-        parts.append(" ".join(rng.choice(words, size=10, p=p)) + ".")
-    (directory / f"doc{d:02d}.txt").write_text(" ".join(parts) + "\n")
-  return str(directory / "*.txt")
-
-
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory) -> list[str]:
-  root = tmp_path_factory.mktemp("generate")
-  glob = _write_corpus(root / "corpus")
-  return [f"data.corpus={glob}", f"data.cache_dir={root / 'cache'}", "data.max_documents=0",
-          "data.val_fraction=0.2"]
+  return synthetic.corpus_overrides(tmp_path_factory.mktemp("generate"), num_docs=6,
+                                    words_per_doc=600, num_words=300, num_phrases=10)
 
 
 @pytest.fixture(scope="module")

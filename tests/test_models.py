@@ -253,7 +253,8 @@ def test_realm_stale_null_document_and_gradients():
   np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, batch["candidate_embeddings"]),
                              retrieval_BxZ[:, 1:], rtol=1e-4, atol=1e-4)
   with pytest.raises(UserError, match="trainable"):
-    model.apply({"params": params}, batch["candidates"][0], method=RealmReader.embed_documents)
+    model.apply({"params": params}, batch["candidates"][0], batch["candidate_embeddings"][0],
+                method=RealmReader.embed_documents)
 
 
 def test_realm_trainable_document_encoder_gradients():
@@ -264,17 +265,24 @@ def test_realm_trainable_document_encoder_gradients():
   def run(params, batch):
     v = {"params": params}
     docs = batch["candidates"].reshape(B * K, M)
+    stale = batch["candidate_embeddings"].reshape(B * K, -1)
     return (loss_and_grad(params, batch, None),
-            model.apply(v, batch["inputs"], batch["candidates"], None,
+            model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"],
                         method=RealmReader.retrieval_logits),
             model.apply(v, batch["inputs"][:, :M], method=RealmReader.embed_query),
-            model.apply(v, docs, method=RealmReader.embed_documents))
+            model.apply(v, docs, stale, method=RealmReader.embed_documents))
 
   (_, grads), retrieval_BxZ, q_BxE, d_NxE = run(params, batch)
   _assert_retriever_gradients(grads, ["query_encoder", "doc_encoder", "candidate_proj",
                                       "null_score", "reader"])
   np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, d_NxE.reshape(B, K, -1)),
                              retrieval_BxZ[:, 1:], rtol=1e-4, atol=1e-4)
+  # The encoder's output layer starts at zero: at init the documents are the stale vectors.
+  init = models.init_params(cfg, jax.random.PRNGKey(0), batch)
+  stale = batch["candidate_embeddings"].reshape(B * K, -1)
+  np.testing.assert_array_equal(
+      model.apply({"params": init}, batch["candidates"].reshape(B * K, M), stale,
+                  method=RealmReader.embed_documents), stale)
 
 
 def test_knn_log_probs_matches_numpy():
@@ -291,6 +299,19 @@ def test_knn_log_probs_matches_numpy():
   np.testing.assert_allclose(np.exp(got), want, atol=1e-6)
   np.testing.assert_allclose(np.exp(got).sum(-1), 1.0, rtol=1e-5)
   assert np.all(np.isneginf(got[..., 8:]))
+
+
+def test_knn_target_log_probs_equals_the_full_distribution_at_the_target():
+  rng = np.random.default_rng(3)
+  dists = jnp.asarray(rng.uniform(0, 4, (2, 5, 6)), jnp.float32)
+  dists = dists.at[0, 0, 0].set(jnp.inf)  # a missing hit
+  tokens = jnp.asarray(rng.integers(0, 7, (2, 5, 6)), jnp.int32)
+  targets = jnp.asarray(rng.integers(0, 7, (2, 5)), jnp.int32)
+  full = knnlm.knn_log_probs(dists, tokens, 7, 0.7)
+  want = np.take_along_axis(np.asarray(full), np.asarray(targets)[..., None], -1)[..., 0]
+  got = np.asarray(knnlm.knn_target_log_probs(dists, tokens, targets, 0.7))
+  assert np.isneginf(want).any() and np.isfinite(want).any()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_knn_interpolate_endpoints():

@@ -201,16 +201,19 @@ def test_realm_refresh_candidates(world):
   store, val, _, _, _ = world
   calls = []
 
-  def embed_docs(chunks_Bxm):
-    calls.append(chunks_Bxm.shape)
-    return _bag_of_tokens(chunks_Bxm)
+  bags_NxE = _bag_of_tokens(store.chunk_tokens())
+  stale_NxE = np.random.default_rng(0).normal(size=bags_NxE.shape).astype(np.float32)
 
-  out = neighbours.refresh(embed_docs, _bag_of_tokens, store, {"validation": val}, 3,
-                           overfetch=100, index_spec="Flat", batch_size=16)
-  assert set(calls) == {(16, M)}  # fixed batch shape for a jitted encoder
+  def embed_docs(chunks_Bxm, stale_BxE):
+    calls.append((chunks_Bxm.shape, stale_BxE.shape))
+    return _bag_of_tokens(chunks_Bxm) + 0.0 * stale_BxE
+
+  out = neighbours.refresh(embed_docs, _bag_of_tokens, store, stale_NxE, {"validation": val},
+                           3, overfetch=100, index_spec="Flat", batch_size=16)
+  assert set(calls) == {((16, M), (16, bags_NxE.shape[1]))}  # fixed shapes for a jitted encoder
   arrays = out.arrays["validation"]
   S, L = val.num_sequences, val.seq_len
-  doc_NxE = _bag_of_tokens(store.chunk_tokens())
+  doc_NxE = bags_NxE
   for s in range(S):
     q_E = _bag_of_tokens(val.tokens[s * L:s * L + M][None])[0]
     banned = {val.doc_ids[val.token_doc[s * L]], val.doc_ids[val.token_doc[s * L + L]]}
@@ -219,7 +222,8 @@ def test_realm_refresh_candidates(world):
                if store.doc_ids[store.chunk_doc()[j]] not in banned]
     np.testing.assert_allclose(arrays["candidate_scores"][s], scores[allowed[:3]], rtol=1e-5)
     ids = arrays["candidate_ids"][s]
-    np.testing.assert_allclose(arrays["candidate_embeddings"][s], doc_NxE[ids], atol=1e-6)
+    # the batch carries the candidates' stale embeddings: the model's encoder input
+    np.testing.assert_allclose(arrays["candidate_embeddings"][s], stale_NxE[ids], atol=1e-6)
     for chunk, tokens in zip(ids, arrays["candidates"][s]):
       own = store.token_doc[chunk * M:chunk * M + M] == store.token_doc[chunk * M]
       np.testing.assert_array_equal(tokens, np.where(own, store.tokens[chunk * M:chunk * M + M], 0))

@@ -11,9 +11,9 @@ import pytest
 from nbclient import NotebookClient
 
 import configs
+import synthetic
 import generate as gen
 import train
-from test_generate import _write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_quickstart.ipynb"
@@ -23,9 +23,8 @@ NOTEBOOK = ROOT / "notebooks" / "colab_quickstart.ipynb"
 def workdir(tmp_path_factory) -> Path:
   """tiny_retro trained for 2 steps on a synthetic corpus (its own artifact cache)."""
   root = tmp_path_factory.mktemp("notebook")
-  glob = _write_corpus(root / "corpus")
-  config = configs.load("tiny_retro", [f"data.corpus={glob}", f"data.cache_dir={root / 'cache'}",
-                                       "data.max_documents=0", "data.val_fraction=0.2"])
+  config = configs.load("tiny_retro", synthetic.corpus_overrides(
+      root, num_docs=6, words_per_doc=600, num_words=300, num_phrases=10))
   train.train_and_evaluate(config, str(root / "run"))
   return root / "run"
 

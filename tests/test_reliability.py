@@ -1,6 +1,6 @@
 """Reliability (issue #8): exact resume after SIGKILL (also mid-save), SIGTERM/SIGINT
 preemption, resumable artifact builds, divergence, a full disk, and one-line errors for bad
-inputs through the command line. docs/RELIABILITY.md's table is checked against this file.
+inputs through the command line. README's "What happens when..." table is checked against this file.
 
 Subprocess runs use `DRIVER`: it imports the real entry point, optionally slows each train
 step down (so a signal can land mid-run) or kills itself at a chosen moment, then runs it.
@@ -28,18 +28,18 @@ import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 import configs
+import synthetic
 import eval as eval_lib
 import train
 from common import artifacts
 from common.errors import UserError
 from retrieval import build, neighbours
 from test_embedder import write_tiny_bert
-from test_train_eval import _write_corpus
 from training import checkpoint, loop
 from training import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "RELIABILITY.md"
+DOC = ROOT / "README.md"
 STEPS, EVERY = 12, 4
 TRAIN = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.warmup_steps=2",
          "train.eval_every=1000", "train.log_every=1"]
@@ -91,10 +91,7 @@ neighbours.retrieve = retrieve_or_die
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
   """Overrides for a 10-document synthetic corpus and a module-private artifact cache."""
-  root = tmp_path_factory.mktemp("reliability")
-  glob = _write_corpus(root / "corpus")
-  return [f"data.corpus={glob}", f"data.cache_dir={root / 'cache'}", "data.max_documents=0",
-          "data.val_fraction=0.2"]
+  return synthetic.corpus_overrides(tmp_path_factory.mktemp("reliability"))
 
 
 @pytest.fixture(scope="module")
@@ -501,11 +498,12 @@ def test_bad_input_is_one_line_exit_2(case, request, tmp_path):
     assert not (tmp_path / "run").exists()  # a failed start leaves no workdir behind
 
 
-# --- 7. the table in docs/RELIABILITY.md --------------------------------------------------------
+# --- 7. the table in README.md -----------------------------------------------------------------
 
 def _table_rows() -> list[list[str]]:
+  section = DOC.read_text().split("## What happens when...", 1)[1].split("\n## ", 1)[0]
   rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-          for line in DOC.read_text().splitlines() if line.startswith("| ")]
+          for line in section.splitlines() if line.startswith("| ")]
   return rows[1:]  # the header
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import configs
+import synthetic
 import eval as eval_lib
 import train
 from training import metrics as metrics_lib
@@ -21,31 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["transformer", "retro", "realm", "knnlm"]
 
 
-def _write_corpus(directory: Path, num_docs: int = 10, words_per_doc: int = 1500) -> str:
-  """Zipf-distributed pseudo-words with phrases shared across documents (something to retrieve)."""
-  rng = np.random.default_rng(0)
-  syllables = ["ka", "lo", "mi", "ren", "tu", "sa", "vo", "el", "dan", "qui", "po", "ras"]
-  words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(400)})
-  p = 1.0 / np.arange(1, len(words) + 1)
-  phrases = [" ".join(rng.choice(words, size=12, p=p / p.sum())) for _ in range(20)]
-  directory.mkdir(parents=True, exist_ok=True)
-  for d in range(num_docs):
-    parts = []
-    while sum(len(x.split()) for x in parts) < words_per_doc:
-      if rng.random() < 0.3:
-        parts.append(phrases[rng.integers(len(phrases))] + ".")
-      else:
-        parts.append(" ".join(rng.choice(words, size=10, p=p / p.sum())) + ".")
-    (directory / f"doc{d:02d}.txt").write_text(" ".join(parts) + "\n")
-  return str(directory / "*.txt")
-
-
 @pytest.fixture(scope="session")
 def corpus_overrides(tmp_path_factory) -> list[str]:
-  root = tmp_path_factory.mktemp("e2e")
-  glob = _write_corpus(root / "corpus")
-  return [f"data.corpus={glob}", f"data.cache_dir={root / 'cache'}", "data.max_documents=0",
-          "data.val_fraction=0.2"]
+  return synthetic.corpus_overrides(tmp_path_factory.mktemp("e2e"))
 
 
 def _config(name: str, overrides: list[str], *extra: str):
@@ -110,6 +89,9 @@ def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
   ages = [r["train/index_age_steps"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
           if "train/index_age_steps" in r]
   assert ages == [0, 1, 0, 1, 0]  # steps 0..4, refreshed before steps 2 and 4
+  refreshed = eval_lib.evaluate(tmp_path, batches=1, write=False)
+  assert refreshed["index"] == "refreshed at step 5"  # evaluated with the index it trained on
+  assert np.isfinite(refreshed["perplexity"])
 
 
 @pytest.mark.parametrize("argv, words", [

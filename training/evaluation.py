@@ -8,10 +8,9 @@ with another datastore (RETRO), kNN-LM interpolation sweeps, and REALM at chosen
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.Co
   return out
 
 
-def _knn_settings(config: ml_collections.ConfigDict, knn: Mapping[str, Any] | bool | None
+def knn_settings(config: ml_collections.ConfigDict, knn: Mapping[str, Any] | bool | None
                   ) -> dict[str, Any] | None:
   if not knn:
     return None
@@ -100,7 +99,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   max_batches = config.eval.batches if batches is None else batches
   artifacts = build.build_all(config)
   saved = checkpoint.restore_meta(workdir, step)
-  _check_data(saved, artifacts.prepared.hashes, workdir)
+  check_data(saved, artifacts.prepared.hashes, workdir)
   mesh = sharding.make_mesh()
   result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"], "model": name,
                             "split": split}
@@ -111,13 +110,18 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
     if not retrieval:
       drop = ("neighbours",)
   if name == "realm":
+    if loop.refreshes(config):  # the index as the run left it: re-embedded by these params
+      artifacts = loop.refresh_candidates(config, artifacts, params)
+      result["index"] = f"refreshed at step {saved['step']}"
+    else:
+      result["index"] = "frozen"
     k = config.eval.realm_k if realm_k is None else realm_k
     artifacts = _first_k_candidates(artifacts, k)
     result["realm_k"] = k
   eval_fn = loop.make_eval_fn(config.model)
   result.update(loop.evaluate_split(eval_fn, params, artifacts, split, config.eval.batch_size,
                                     max_batches, mesh, drop=drop))
-  settings = _knn_settings(config, knn)
+  settings = knn_settings(config, knn)
   if settings is not None:
     result["knn"] = knn_evaluate(config, params, artifacts, split, settings, max_batches,
                                  saved["step"], workdir if write else None)
@@ -126,7 +130,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   return result
 
 
-def _check_data(saved: Mapping[str, Any], hashes: Mapping[str, str], workdir: Path) -> None:
+def check_data(saved: Mapping[str, Any], hashes: Mapping[str, str], workdir: Path) -> None:
   trained = saved.get("hashes", {})
   for key in ("corpus", "tokenizer", "dataset"):
     if key in trained and trained[key] != hashes[key]:
@@ -150,10 +154,23 @@ def _first_k_candidates(artifacts: build.Artifacts, k: int) -> build.Artifacts:
                          retrieved=retrieved, hashes=artifacts.hashes)
 
 
-def _params_hash(params: Any) -> str:
+def params_hash(params: Any) -> str:
   leaves = jax.tree.leaves(jax.device_get(params))
   return fingerprint([float(np.asarray(x, np.float64).sum()) for x in leaves]
                      + [list(np.shape(x)) for x in leaves])
+
+
+def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: dataset.Prepared,
+                  step: int | None) -> tuple[neighbours.KnnDatastore, Callable[..., Any]]:
+  """The kNN-LM datastore of the training split under `params` (built once per checkpoint:
+  `step` and a hash of the params key the cache), and the jitted
+  `apply(params, inputs) -> (logits, keys)` that made its keys."""
+  model = models.get_model(config.model)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
+  model_hash = f"step{step}-{params_hash(params)}" if step is not None else \
+      f"params-{params_hash(params)}"
+  store = neighbours.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
+  return store, apply
 
 
 def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: build.Artifacts,
@@ -163,14 +180,9 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
   if config.model.name not in ("transformer", "knnlm"):
     raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (transformer/knnlm), "
                     f"not {config.model.name!r}")
-  model = models.get_model(config.model)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
-  keys_fn = lambda x: apply(params, x)[1]  # noqa: E731
-  store = neighbours.knn_datastore(config, artifacts.prepared, keys_fn,
-                                   model_hash=f"step{step}-{_params_hash(params)}")
-  V, T, k = config.model.vocab_size, settings["temperature"], int(settings["k"])
-  knn_target = jax.jit(lambda d, t, y: jnp.take_along_axis(
-      knnlm.knn_log_probs(d, t, V, T), y[..., None], axis=-1)[..., 0])
+  store, apply = knn_datastore(config, params, artifacts.prepared, step)
+  T, k = settings["temperature"], int(settings["k"])
+  knn_target = jax.jit(lambda d, t, y: knnlm.knn_target_log_probs(d, t, y, T))
   lm_target = jax.jit(models.token_log_probs)
   part = artifacts.prepared.split(split)
   idx = list(dataset.eval_indices(part.num_sequences, config.eval.batch_size))

@@ -89,24 +89,25 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
           "batches": len(batches)}
 
 
-def _refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
+def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
                         params: Any) -> build.Artifacts:
   """REALM: re-embed the datastore with the current document encoder; new candidates."""
   model = models.get_model(config.model)
   cls = type(model)
-  docs = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_documents))
+  docs = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_documents))
   queries = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_query))
   r = config.retrieval
   splits = {"train": artifacts.prepared.train, "validation": artifacts.prepared.validation}
+  stale_NxE = neighbours.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
   retrieved = neighbours.refresh(
-      lambda t: np.asarray(docs(params, t)), lambda t: np.asarray(queries(params, t)),
-      artifacts.datastore.split, splits, config.model.realm.num_candidates,
+      lambda t, e: np.asarray(docs(params, t, e)), lambda t: np.asarray(queries(params, t)),
+      artifacts.datastore.split, stale_NxE, splits, config.model.realm.num_candidates,
       overfetch=r.overfetch, metric=r.metric, index_spec=r.index,
       memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search)
   return dataclasses.replace(artifacts, retrieved=retrieved)
 
 
-def _refreshes(config: ml_collections.ConfigDict) -> bool:
+def refreshes(config: ml_collections.ConfigDict) -> bool:
   return (config.model.name == "realm" and config.retrieval.refresh_every > 0
           and config.model.realm.doc_encoder == "trainable")
 
@@ -230,9 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   timings["init"] = time.perf_counter() - start
 
   refreshed_at = 0
-  if _refreshes(config) and first >= config.retrieval.refresh_every:
+  if refreshes(config) and first >= config.retrieval.refresh_every:
     refreshed_at = first - first % config.retrieval.refresh_every
-    artifacts = _refresh_candidates(config, artifacts, state.params)
+    artifacts = refresh_candidates(config, artifacts, state.params)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=first)  # drops a dead run's records
   lagged = metrics_lib.Lagged()
@@ -265,13 +266,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with stop:
       for step in range(first, end):
-        if _refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
+        if refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
             and step != refreshed_at:
-          artifacts = _refresh_candidates(config, artifacts, state.params)
+          artifacts = refresh_candidates(config, artifacts, state.params)
           refreshed_at = step
         batch = device_batch(train_batch(config, artifacts, step), mesh)
         state, step_metrics = step_fn(state, batch)
-        if _refreshes(config):
+        if refreshes(config):
           step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
         record(lagged.push(step + 1, step_metrics))
         bar.update(1)
