@@ -11,8 +11,8 @@ candidate chunk z as s(x, z) = q(x_q) . (W e_z) / sqrt(R), with q a trainable qu
   moves the documents from there (REALM starts its encoders from a pre-trained retriever).
 `embed_query` returns W^T q(x_q) / sqrt(R), the query in the index space, so a MIPS search of an
 index of `embed_documents` (or of the original stale) vectors ranks by exactly s(x, z).
-A null document (empty chunk, all padding) with a learned scalar score is always
-candidate 0. The reader is a `Transformer` over [document ; input] with padded document
+A null document (empty chunk, all padding) is always candidate 0; it scores as the mean of
+the K candidates plus a learned scalar offset (see `retrieval_logits`). The reader is a `Transformer` over [document ; input] with padded document
 tokens masked; it predicts every input position given z.
 """
 
@@ -121,7 +121,13 @@ class RealmReader(nn.Module):
                                        deterministic).reshape(B, K, -1)
     q_BxE = self.embed_query(inputs_BxL[:, :s.chunk_size], deterministic)
     scores_BxK = jnp.einsum("be,bke->bk", q_BxE, emb_BxKxE)
-    null_Bx1 = jnp.broadcast_to(self.null_score, (B, 1))
+    # The null document scores as the mean candidate plus a learned offset. With a constant
+    # null score the retriever collapses onto the null within ~20 steps: the candidates'
+    # embeddings share a mean direction, so the encoders can lower every candidate's score at
+    # once, many parameters moving together, while a scalar moves lr per step under Adam.
+    # Relative to the mean, only the offset decides how much mass goes to "no retrieval".
+    # A per-query constant does not change the ranking, so the index search stays exact.
+    null_Bx1 = self.null_score + jnp.mean(scores_BxK, axis=1, keepdims=True)
     return jnp.concatenate([null_Bx1, scores_BxK], axis=1)
 
   def __call__(self, inputs_BxL: jax.Array, candidates_BxKxM: jax.Array,

@@ -55,6 +55,8 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, tmp_path):
     sweep = result["knn"]["sweep"]
     assert sweep[0]["lam"] == 0.0
     assert sweep[0]["perplexity_exact"] == pytest.approx(result["perplexity"], rel=1e-4)
+    # lam=1 is pure kNN: tokens outside the k neighbours make it inf, never nan.
+    assert not np.isnan([[r["perplexity_exact"], r["perplexity_approximate"]] for r in sweep]).any()
     assert (tmp_path / "knn_sweep.png").exists()
 
 

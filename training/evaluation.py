@@ -206,7 +206,9 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
 
   def ppl(lam: float, which: str) -> float:
     mixed = np.asarray(knnlm.interpolate(jnp.asarray(lm_t), jnp.asarray(knn_t[which]), lam))
-    return float(np.exp(-(mixed * w).sum() / max(w.sum(), 1.0)))
+    # Padding has weight 0 and may have log p = -inf (at lam=1 every token outside the k
+    # neighbours does): mask it rather than multiply, so the sum is inf, never nan.
+    return float(np.exp(-np.where(w > 0, mixed, 0.0).sum() / max(w.sum(), 1.0)))
 
   which = "exact" if settings["exact"] else "approximate"
   sweep = [{"lam": lam, "perplexity_approximate": ppl(lam, "approximate"),
