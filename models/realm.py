@@ -12,8 +12,9 @@ candidate chunk z as s(x, z) = q(x_q) . (W e_z) / sqrt(R), with q a trainable qu
 `embed_query` returns W^T q(x_q) / sqrt(R), the query in the index space, so a MIPS search of an
 index of `embed_documents` (or of the original stale) vectors ranks by exactly s(x, z).
 A null document (empty chunk, all padding) is always candidate 0; it scores as the mean of
-the K candidates plus a learned scalar offset (see `retrieval_logits`). The reader is a `Transformer` over [document ; input] with padded document
-tokens masked; it predicts every input position given z.
+the K candidates plus a learned scalar offset (see `retrieval_logits`). The reader is a
+`Transformer` over [document ; input] with padded document tokens masked; it predicts every
+input position given z.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import synthetic
 import eval as eval_lib
 import train
 from training import metrics as metrics_lib
+from training.evaluation import weighted_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["transformer", "retro", "realm", "knnlm"]
@@ -58,6 +59,14 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, tmp_path):
     # lam=1 is pure kNN: tokens outside the k neighbours make it inf, never nan.
     assert not np.isnan([[r["perplexity_exact"], r["perplexity_approximate"]] for r in sweep]).any()
     assert (tmp_path / "knn_sweep.png").exists()
+
+
+def test_weighted_perplexity_skips_padding():
+  """Padding (weight 0) with log p = -inf (pure kNN at lam=1) is left out, not 0 * -inf = nan;
+  a real token with log p = -inf makes the perplexity inf."""
+  logp = np.array([np.log(0.5), np.log(0.25), -np.inf])
+  assert weighted_perplexity(logp, np.array([1.0, 1.0, 0.0])) == pytest.approx(np.sqrt(8.0))
+  assert weighted_perplexity(logp, np.array([1.0, 1.0, 1.0])) == np.inf
 
 
 def _params(workdir: Path):

@@ -173,6 +173,14 @@ def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: data
   return store, apply
 
 
+def weighted_perplexity(logp_N: np.ndarray, weights_N: np.ndarray) -> float:
+  """exp of the weighted mean negative log-probability. Weight-0 entries (padding) are left
+  out rather than multiplied, so a -inf there (pure kNN, lam=1) cannot make 0 * inf = nan;
+  a -inf on a real token gives inf."""
+  nll = -(np.where(weights_N > 0, logp_N, 0.0) * weights_N).sum()
+  return float(np.exp(nll / max(weights_N.sum(), 1.0)))
+
+
 def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: build.Artifacts,
                  split: str, settings: Mapping[str, Any], max_batches: int, step: int,
                  out_dir: Path | None) -> dict[str, Any]:
@@ -205,10 +213,8 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
   knn_t = {"approximate": np.concatenate(approx).ravel(), "exact": np.concatenate(exact).ravel()}
 
   def ppl(lam: float, which: str) -> float:
-    mixed = np.asarray(knnlm.interpolate(jnp.asarray(lm_t), jnp.asarray(knn_t[which]), lam))
-    # Padding has weight 0 and may have log p = -inf (at lam=1 every token outside the k
-    # neighbours does): mask it rather than multiply, so the sum is inf, never nan.
-    return float(np.exp(-np.where(w > 0, mixed, 0.0).sum() / max(w.sum(), 1.0)))
+    return weighted_perplexity(
+        np.asarray(knnlm.interpolate(jnp.asarray(lm_t), jnp.asarray(knn_t[which]), lam)), w)
 
   which = "exact" if settings["exact"] else "approximate"
   sweep = [{"lam": lam, "perplexity_approximate": ppl(lam, "approximate"),
