@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: `python eval.py --workdir DIR [--step N] [--datastore CORPUS] [--knn]`.
 
 Prints a table and writes its rows to `<workdir>/eval_<split>.json`. RETRO is evaluated with and
-without retrieval (and with `--datastore` swapped in without retraining); kNN-LM with
+without retrieval (and with `--datastore` swapped in without retraining, `--heldout keep` to
+let other editions of the validation texts into it); kNN-LM with
 `--lam/--k/--temperature` plus a lambda sweep (table and `knn_sweep.png`); REALM at `--k`.
 """
 
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--split", default="validation", help="validation (default) or train")
   p.add_argument("--datastore", default=None,
                  help="RETRO: corpus whose chunks replace the datastore (e.g. shakespeare_folio)")
+  p.add_argument("--heldout", choices=("drop", "keep"), default=None,
+                 help="RETRO: drop (or keep: leakage) datastore documents named like a "
+                      "validation document (default: as trained)")
   p.add_argument("--knn", action="store_true", help="kNN-LM: interpolate with a datastore")
   p.add_argument("--lam", type=float, default=None, help="kNN-LM interpolation weight")
   p.add_argument("--k", type=int, default=None, help="kNN-LM neighbours / REALM candidates")
@@ -45,9 +49,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for retrieval in (True, False):
       r = evaluate(args.workdir, retrieval=retrieval, **common)
       results.append({**r, "variant": f"retro, retrieval {'on' if retrieval else 'off'}"})
-    if args.datastore:
-      r = evaluate(args.workdir, datastore=args.datastore, **common)
-      results.append({**r, "variant": f"retro, datastore {args.datastore}"})
+    if args.datastore or args.heldout:
+      drop = None if args.heldout is None else args.heldout == "drop"
+      r = evaluate(args.workdir, datastore=args.datastore, drop_heldout=drop, **common)
+      held = f", held-out editions {args.heldout}" if args.heldout else ""
+      results.append({**r, "variant": f"retro, datastore {r['datastore']}{held}"})
   elif model == "realm":
     r = evaluate(args.workdir, realm_k=args.k, **common)
     results.append({**r, "variant": f"realm, k={r['realm_k']}"})

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.num_neighbours = 2  # K
   r.overfetch = 64  # fetch K * overfetch, then drop same-document hits (plays are self-similar)
   r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
+  # Drop datastore documents named like a validation document (the last part of the doc
+  # id, e.g. folio/othello for shakespeare/othello): another edition of a held-out text.
+  r.datastore_drop_heldout = False
   r.refresh_every = 0  # REALM: re-embed datastore every T steps; 0 = frozen index
 
   # --- train ---

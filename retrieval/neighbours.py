@@ -324,6 +324,14 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
     return Datastore(spec="", split=prepared.train, hash=split_hash(prepared.train))
   d = config.data
   docs = corpora.load_corpus(spec, d.cache_dir, d.max_documents)
+  dropped: list[str] = []
+  if config.retrieval.datastore_drop_heldout:
+    docs, dropped = drop_heldout(docs, prepared.validation.doc_ids)
+    if not docs:
+      raise UserError(f"every document of datastore {spec!r} matches a validation document "
+                      f"by name; set --config.retrieval.datastore_drop_heldout=False or use "
+                      f"another datastore")
+    spec = f"{spec} (without {len(dropped)} held-out)"
   inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": prepared.tokenizer.hash}
   final = artifacts.cache_root(d.cache_dir) / "datastores" / artifacts.fingerprint(
       {**inputs, "format": _DATASTORE_FORMAT})
@@ -335,10 +343,19 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
       artifacts.atomic_write_text(work / "datastore.doc_ids.json",
                                   json.dumps([doc.doc_id for doc in docs]))
       artifacts.write_manifest(work, "datastore", inputs, spec=spec, documents=len(docs),
-                               tokens=int(tokens_T.shape[0]))
+                               tokens=int(tokens_T.shape[0]), dropped_heldout=dropped)
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
   split = dataset.TokenSplit.load(final, "datastore", d.seq_len, config.model.chunk_size)
   return Datastore(spec=spec, split=split, hash=split_hash(split))
+
+
+def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]
+                 ) -> tuple[list[corpora.Document], list[str]]:
+  """(kept, dropped ids): drops documents whose name (the doc id after its last "/") is the
+  name of a held-out document, e.g. `folio/othello` when `shakespeare/othello` is held out."""
+  names = {doc_id.rsplit("/", 1)[-1] for doc_id in heldout_ids}
+  kept = [doc for doc in docs if doc.doc_id.rsplit("/", 1)[-1] not in names]
+  return kept, [doc.doc_id for doc in docs if doc.doc_id.rsplit("/", 1)[-1] in names]
 
 
 def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokenizer, name: str

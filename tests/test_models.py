@@ -349,3 +349,42 @@ def test_bad_config_is_a_user_error():
     models.get_model(configs.load("tiny_retro", ["model.cca_layers=(3,)"]).model)
   with pytest.raises(UserError, match="dtype"):
     models.get_model(configs.load("tiny_retro", ["model.dtype='int8'"]).model)
+
+
+def test_retro_learns_to_copy_its_neighbours_continuation():
+  """Random tokens; chunk c's neighbour is chunk c plus its continuation (chunk c+1), as a
+  datastore holding a copy of the text would return. Trained by the shared train step,
+  RETRO must read the continuation through CCA: near-zero loss from position m-1 on (the
+  shift), chance before it (no neighbour is visible yet), chance without retrieval."""
+  from training.state import TrainState, make_optimizer
+  from training.step import train_step_fn
+
+  steps, m = 300, 16
+  cfg = configs.load("tiny_retro", [
+      f"train.steps={steps}", "train.warmup_steps=10", "train.learning_rate=0.01",
+      f"model.chunk_size={m}", f"model.neighbour_len={2 * m}", "model.num_neighbours=1"])
+  B, L, C = 8, 256, 256 // m
+  rng = np.random.default_rng(0)
+
+  def batch() -> dict[str, np.ndarray]:
+    toks_BxT = rng.integers(1, V, (B, L + m), dtype=np.int32)
+    nbr_BxCx1xR = np.stack([toks_BxT[:, c * m:(c + 2) * m] for c in range(C)], 1)[:, :, None]
+    return {"inputs": toks_BxT[:, :L], "targets": toks_BxT[:, 1:L + 1],
+            "weights": np.ones((B, L), np.float32), "neighbours": nbr_BxCx1xR}
+
+  params = models.init_params(cfg.model, jax.random.PRNGKey(0), batch())
+  tx = make_optimizer(cfg.train)
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(1))
+  step = jax.jit(train_step_fn(cfg.train, models.make_loss_fn(cfg.model)))
+  for _ in range(steps):
+    state, _ = step(state, batch())
+  b = batch()
+  model = models.get_model(cfg.model)
+  nll = lambda *nbr: -np.asarray(models.token_log_probs(  # noqa: E731
+      model.apply({"params": state.params}, b["inputs"], *nbr), b["targets"]))
+  with_BxL, without_BxL = nll(b["neighbours"]), nll()
+  chance = np.log(V - 1)
+  assert with_BxL[:, m - 1:].mean() < 0.1 * chance, with_BxL[:, m - 1:].mean()
+  assert with_BxL[:, :m - 1].mean() > 0.9 * chance
+  assert without_BxL.mean() > 0.9 * chance

@@ -253,3 +253,25 @@ def test_build_cli_end_to_end(tmp_path, capsys):
   assert batch["neighbours"].shape == (2, 2, K, 128)
   hits = search.search_text(config, "the king and queen", 3, arts.prepared)
   assert len(hits) == 3 and all(h.doc_id in arts.prepared.train.doc_ids for h in hits)
+
+
+def test_continuation_coverage_counts_what_the_context_lacks():
+  """One sequence of 3 chunks of 4: hand-counted fractions; the continuation as neighbour
+  covers it fully; a shuffle keeps the lists, moved between chunks."""
+  from retrieval import coverage
+
+  seq = np.array([5, 6, 7, 8,  5, 9, 10, 11,  6, 12, 13, 0], np.int32)  # last token padding
+  nbr = np.zeros((1, 3, 1, 4), np.int32)
+  nbr[0, 0, 0] = [9, 10, 20, 0]  # chunk 1 = 5 9 10 11: 9, 10 found, both new
+  nbr[0, 1, 0] = [6, 12, 13, 0]  # chunk 2 = 6 12 13 (pad): all found; 6 is in the context
+  got = coverage.continuation_coverage(seq, nbr, seq_len=12, chunk_size=4)
+  assert got["in_neighbours"] == pytest.approx((2 / 4 + 3 / 3) / 2)
+  assert got["in_context"] == pytest.approx((1 / 4 + 1 / 3) / 2)  # 5, then 6
+  assert got["new"] == pytest.approx((2 / 4 + 2 / 3) / 2)
+  exact = nbr.copy()
+  exact[0, 0, 0] = seq[4:8]
+  assert coverage.continuation_coverage(seq, exact, 12, 4)["in_neighbours"] == 1.0
+  many = np.arange(2 * 3 * 2 * 4).reshape(2, 3, 2, 4)
+  moved = coverage.shuffled(many, seed=1)
+  assert sorted(map(tuple, moved.reshape(6, -1))) == sorted(map(tuple, many.reshape(6, -1)))
+  assert not np.array_equal(moved, many)

@@ -4,6 +4,7 @@ tests/test_training_core.py.)"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import configs
 import synthetic
 import eval as eval_lib
 import train
+from retrieval import corpora, dataset, neighbours
 from training import metrics as metrics_lib
 from training.evaluation import weighted_perplexity
 
@@ -32,8 +34,18 @@ def _config(name: str, overrides: list[str], *extra: str):
   return configs.load(name, [*overrides, *extra])
 
 
+@pytest.fixture(scope="session")
+def second_edition(corpus_overrides, tmp_path_factory) -> str:
+  """A datastore corpus holding a copy of every document as `edition2/<name>` (jsonl)."""
+  cfg = _config("tiny_retro", corpus_overrides)
+  path = tmp_path_factory.mktemp("edition") / "edition2.jsonl"
+  path.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n"
+                          for d in corpora.load_corpus(cfg.data.corpus)))
+  return str(path)
+
+
 @pytest.mark.parametrize("model", MODELS)
-def test_train_50_steps_learns_then_eval(model, corpus_overrides, tmp_path):
+def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition, tmp_path):
   """Train (loss falls well below its start), checkpoint, and evaluate the checkpoint."""
   cfg = _config(f"tiny_{model}", corpus_overrides, "train.steps=50", "train.warmup_steps=5",
                 "train.learning_rate=0.003", "train.log_every=1", "train.eval_every=25",
@@ -52,6 +64,10 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, tmp_path):
   if model == "retro":
     off = eval_lib.evaluate(tmp_path, retrieval=False)
     assert off["perplexity"] == pytest.approx(final["eval/no_retrieval/perplexity"], rel=1e-4)
+    kept, dropped = (eval_lib.evaluate(tmp_path, datastore=second_edition, drop_heldout=drop,
+                                       write=False) for drop in (False, True))
+    assert (kept["datastore_drop_heldout"], dropped["datastore_drop_heldout"]) == (False, True)
+    assert kept["perplexity"] != dropped["perplexity"]  # different neighbours were read
   if model == "knnlm":
     sweep = result["knn"]["sweep"]
     assert sweep[0]["lam"] == 0.0
@@ -59,6 +75,28 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, tmp_path):
     # lam=1 is pure kNN: tokens outside the k neighbours make it inf, never nan.
     assert not np.isnan([[r["perplexity_exact"], r["perplexity_approximate"]] for r in sweep]).any()
     assert (tmp_path / "knn_sweep.png").exists()
+
+
+def test_drop_heldout_removes_other_editions_of_validation_documents(corpus_overrides,
+                                                                     second_edition):
+  """Kept, the copy of a held-out document is most validation chunks' nearest neighbour
+  (leakage; by chance it would be 1 in 5: 2 of the 10 documents are held out); dropped, the
+  datastore holds no copy of one."""
+  name = lambda doc_id: doc_id.rsplit("/", 1)[-1]  # noqa: E731
+  top1_heldout = {}
+  for drop in (False, True):
+    cfg = _config("tiny_retro", corpus_overrides, f"retrieval.datastore={second_edition}",
+                  f"retrieval.datastore_drop_heldout={drop}")
+    prepared = dataset.prepare(cfg)
+    store = neighbours.load_datastore(cfg, prepared).split
+    heldout = {name(i) for i in prepared.validation.doc_ids}
+    stored = {name(i) for i in store.doc_ids}
+    assert {name(i) for i in prepared.train.doc_ids} <= stored
+    assert not heldout & stored if drop else heldout <= stored
+    ids = neighbours.retro_neighbours(cfg, prepared).arrays["validation"]["neighbour_ids"]
+    top1_doc = np.asarray(store.chunk_doc())[np.asarray(ids)[..., 0].ravel()]
+    top1_heldout[drop] = np.mean([name(store.doc_ids[d]) in heldout for d in top1_doc])
+  assert top1_heldout[False] > 0.5 and top1_heldout[True] == 0.0, top1_heldout
 
 
 def test_weighted_perplexity_skips_padding():

@@ -68,8 +68,9 @@ def knn_settings(config: ml_collections.ConfigDict, knn: Mapping[str, Any] | boo
 
 def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: bool = True,
              knn: Mapping[str, Any] | bool | None = None, *, step: int | None = None,
-             datastore: str | None = None, realm_k: int | None = None,
-             batches: int | None = None, write: bool = True) -> dict[str, Any]:
+             datastore: str | None = None, drop_heldout: bool | None = None,
+             realm_k: int | None = None, batches: int | None = None, write: bool = True
+             ) -> dict[str, Any]:
   """Perplexity of the checkpoint in `workdir` on `split`.
 
   Args:
@@ -79,6 +80,9 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
       exact distances. Works for any model that returns a kNN key (transformer, knnlm).
     datastore: RETRO: a corpus spec whose chunks replace the training datastore
       (no retraining), e.g. "shakespeare_folio".
+    drop_heldout: RETRO: drop datastore documents named like a validation document (default:
+      as trained, `retrieval.datastore_drop_heldout`); False lets another edition of a
+      held-out text into the datastore (leakage, the RETRO paper's overlap analysis).
     realm_k: REALM: marginalise over the top `realm_k` candidates (default config.eval.realm_k).
     batches: evaluate only this many batches (default config.eval.batches; 0 = all).
   Returns:
@@ -92,10 +96,13 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if split not in dataset.SPLITS:
     raise UserError(f"unknown split {split!r}; use one of {', '.join(dataset.SPLITS)}")
   name = config.model.name
+  if (datastore or drop_heldout is not None) and name != "retro":
+    raise UserError(f"--datastore/--heldout swap RETRO's neighbours; this checkpoint is "
+                    f"{name!r}")
   if datastore:
-    if name != "retro":
-      raise UserError(f"--datastore swaps RETRO's neighbours; this checkpoint is {name!r}")
     config = _with(config, **{"retrieval.datastore": datastore})
+  if drop_heldout is not None:
+    config = _with(config, **{"retrieval.datastore_drop_heldout": drop_heldout})
   max_batches = config.eval.batches if batches is None else batches
   artifacts = build.build_all(config)
   saved = checkpoint.restore_meta(workdir, step)
@@ -106,7 +113,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   drop: tuple[str, ...] = ()
   if name == "retro":
     result["retrieval"] = bool(retrieval)
-    result["datastore"] = datastore or config.retrieval.datastore or "train split"
+    result["datastore"] = config.retrieval.datastore or "train split"
+    result["datastore_drop_heldout"] = config.retrieval.datastore_drop_heldout
     if not retrieval:
       drop = ("neighbours",)
   if name == "realm":
