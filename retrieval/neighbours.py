@@ -354,8 +354,13 @@ def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]
   """(kept, dropped ids): drops documents whose name (the doc id after its last "/") is the
   name of a held-out document, e.g. `folio/othello` when `shakespeare/othello` is held out."""
   names = {doc_id.rsplit("/", 1)[-1] for doc_id in heldout_ids}
-  kept = [doc for doc in docs if doc.doc_id.rsplit("/", 1)[-1] not in names]
-  return kept, [doc.doc_id for doc in docs if doc.doc_id.rsplit("/", 1)[-1] in names]
+  kept, dropped = [], []
+  for doc in docs:
+    if doc.doc_id.rsplit("/", 1)[-1] in names:
+      dropped.append(doc.doc_id)
+    else:
+      kept.append(doc)
+  return kept, dropped
 
 
 def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokenizer, name: str

@@ -356,8 +356,9 @@ def test_retro_learns_to_copy_its_neighbours_continuation():
   datastore holding a copy of the text would return. Trained by the shared train step,
   RETRO must read the continuation through CCA: near-zero loss from position m-1 on (the
   shift), chance before it (no neighbour is visible yet), chance without retrieval."""
-  from training.state import TrainState, make_optimizer
-  from training.step import train_step_fn
+  from training import sharding
+  from training.state import create_train_state
+  from training.step import make_train_step
 
   steps, m = 300, 16
   cfg = configs.load("tiny_retro", [
@@ -372,11 +373,9 @@ def test_retro_learns_to_copy_its_neighbours_continuation():
     return {"inputs": toks_BxT[:, :L], "targets": toks_BxT[:, 1:L + 1],
             "weights": np.ones((B, L), np.float32), "neighbours": nbr_BxCx1xR}
 
-  params = models.init_params(cfg.model, jax.random.PRNGKey(0), batch())
-  tx = make_optimizer(cfg.train)
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                     rng=jax.random.PRNGKey(1))
-  step = jax.jit(train_step_fn(cfg.train, models.make_loss_fn(cfg.model)))
+  mesh = sharding.make_mesh()
+  state, shardings = create_train_state(cfg, jax.random.PRNGKey(0), batch(), mesh)
+  step = make_train_step(cfg, models.make_loss_fn(cfg.model), shardings, mesh)
   for _ in range(steps):
     state, _ = step(state, batch())
   b = batch()
