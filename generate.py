@@ -58,7 +58,8 @@ from common.errors import UserError, cli_main
 from models import knnlm
 from models.layers import Spec
 from models.realm import RealmReader
-from retrieval import dataset, neighbours
+from data import dataset
+from retrieval import neighbours
 from retrieval import index as index_lib
 from training import checkpoint
 from training.evaluation import check_data, knn_datastore, knn_settings, load_checkpoint

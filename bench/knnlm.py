@@ -42,7 +42,8 @@ import models  # noqa: E402
 from common import cli  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from models import knnlm  # noqa: E402
-from retrieval import dataset, neighbours  # noqa: E402
+from data import dataset  # noqa: E402
+from retrieval import neighbours  # noqa: E402
 from retrieval import index as index_lib  # noqa: E402
 from training import checkpoint, evaluation  # noqa: E402
 

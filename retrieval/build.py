@@ -20,7 +20,7 @@ import numpy as np
 
 from common import cli
 from common.errors import cli_main
-from retrieval import dataset
+from data import dataset
 from retrieval import neighbours
 
 KINDS = {"retro": neighbours.RETRO, "realm": neighbours.REALM}

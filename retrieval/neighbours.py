@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 
 from common import artifacts
 from common.errors import UserError
-from retrieval import corpora
-from retrieval import dataset
+from data import corpora
+from data import dataset
 from retrieval import embedder as embedder_lib
 from retrieval import index as index_lib
-from retrieval import tokenizer as tokenizer_lib
+from data import tokenizer as tokenizer_lib
 
 RETRO, REALM, KNN = "retro_neighbours", "realm_candidates", "knn_datastore"
 # The arrays of each kind that go into a training batch (the rest are kept for analysis).

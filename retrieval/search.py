@@ -17,7 +17,7 @@ import numpy as np
 
 from common import cli
 from common.errors import UserError, cli_main
-from retrieval import dataset
+from data import dataset
 from retrieval import index as index_lib
 from retrieval import neighbours
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configs  # noqa: E402
 from common.errors import cli_main  # noqa: E402
-from retrieval import coverage, dataset, neighbours  # noqa: E402
+from data import dataset  # noqa: E402
+from retrieval import coverage, neighbours  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from training.loop import train_and_evaluate  # noqa: E402
 

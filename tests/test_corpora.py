@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
-from retrieval import corpora
-from retrieval.corpora import Document
+from data import corpora
+from data.corpora import Document
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import configs
 from common import artifacts
 from common.errors import UserError
-from retrieval import corpora, dataset
+from data import corpora, dataset
 
 WORDS = ("the king queen crown sword river castle night day fox dog brown quick lazy "
          "jumps over a of and to thee thou art hath doth").split()
@@ -94,7 +94,7 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step():
 
 def test_same_batch_in_a_new_process(setup):
   overrides, prep = setup
-  code = ("import hashlib, json, sys, configs; from retrieval import dataset; "
+  code = ("import hashlib, json, sys, configs; from data import dataset; "
           "p = dataset.prepare(configs.load('tiny_transformer', sys.argv[1:])); "
           "i = dataset.batch_indices(p.train.num_sequences, 2, 0, 5); "
           "b = p.train.batch(i); "

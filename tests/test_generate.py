@@ -21,7 +21,8 @@ import synthetic
 from common.errors import UserError
 from models import knnlm
 from models.realm import RealmReader
-from retrieval import dataset, neighbours
+from data import dataset
+from retrieval import neighbours
 
 M = 64  # chunk size of the tiny configs
 

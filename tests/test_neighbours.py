@@ -10,7 +10,8 @@ import pytest
 import configs
 from common import artifacts
 from common.errors import UserError
-from retrieval import dataset, neighbours
+from data import dataset
+from retrieval import neighbours
 from retrieval import index as index_lib
 
 M = 4  # chunk size of the synthetic splits (the code takes it from the split)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
-from retrieval import tokenizer as tokenizer_lib
-from retrieval.corpora import Document
+from data import tokenizer as tokenizer_lib
+from data.corpora import Document
 
 TEXTS = ["To be, or not to be: that is the question.\n",
          "Whether 'tis nobler in the mind to suffer\nthe slings and arrows of outrageous fortune",
@@ -63,7 +63,7 @@ def test_bpe_is_cached_by_train_docs_and_vocab(bpe, capsys):
 
 
 def test_offline_reload_in_a_new_process(bpe):
-  code = ("import json, sys; from retrieval.tokenizer import Tokenizer; "
+  code = ("import json, sys; from data.tokenizer import Tokenizer; "
           "t = Tokenizer.load(sys.argv[1]); ids = t.encode(sys.argv[2]); "
           "print(json.dumps([ids, t.decode(ids), t.hash]))")
   env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -17,7 +17,8 @@ import configs
 import synthetic
 import eval as eval_lib
 import train
-from retrieval import corpora, dataset, neighbours
+from data import corpora, dataset
+from retrieval import neighbours
 from training import metrics as metrics_lib
 from training.evaluation import weighted_perplexity
 

@@ -23,7 +23,8 @@ import models
 from common.artifacts import atomic_write_text, fingerprint
 from common.errors import UserError
 from models import knnlm
-from retrieval import build, dataset, neighbours
+from data import dataset
+from retrieval import build, neighbours
 from training import checkpoint, loop, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)

@@ -36,7 +36,8 @@ import configs
 import models
 from common.artifacts import atomic_write_text
 from common.errors import UserError
-from retrieval import build, dataset, neighbours
+from data import dataset
+from retrieval import build, neighbours
 from training import checkpoint, metrics as metrics_lib, sharding
 from training.state import abstract_train_state, create_train_state
 from training.step import make_train_step

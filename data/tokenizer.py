@@ -20,7 +20,7 @@ from typing import Sequence
 
 from common import artifacts
 from common.errors import UserError
-from retrieval import corpora
+from data import corpora
 
 PAD, EOS = "<pad>", "<eos>"
 _BPE_VERSION = "bytelevel-bpe-v1"  # bump when training changes, to invalidate caches

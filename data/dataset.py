@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from common import artifacts
 from common.errors import UserError
-from retrieval import corpora
-from retrieval import tokenizer as tokenizer_lib
+from data import corpora
+from data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "validation")
 _FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
