@@ -14,7 +14,7 @@ from typing import Sequence
 
 from common import cli
 from common.errors import cli_main
-from training.evaluation import load_checkpoint
+from training.checkpoint import load_checkpoint
 from training.loop import train_and_evaluate
 
 __all__ = ["train_and_evaluate", "load_checkpoint", "main"]

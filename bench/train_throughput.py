@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import models  # noqa: E402
+from models.layers import Spec  # noqa: E402
 from common import cli  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from training import sharding  # noqa: E402
@@ -48,22 +49,10 @@ PROFILE_TOP_OPS = 15
 
 
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """A batch of the config's shapes with random tokens (and random neighbours / candidates)."""
-  m, d = config.model, config.data
-  B, L, V = d.batch_size, d.seq_len, m.vocab_size
-  tokens = rng.integers(1, V, size=(B, L + 1), dtype=np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "weights": np.ones((B, L), np.float32)}
-  if m.name == "retro":
-    C = L // m.chunk_size
-    batch["neighbours"] = rng.integers(1, V, size=(B, C, m.num_neighbours, m.neighbour_len),
-                                       dtype=np.int32)
-  if m.name == "realm":
-    K = m.realm.num_candidates
-    batch["candidates"] = rng.integers(1, V, size=(B, K, m.realm.doc_len), dtype=np.int32)
-    batch["candidate_embeddings"] = rng.standard_normal((B, K, m.realm.embedding_dim)
-                                                        ).astype(np.float32)
-  return batch
+  """A batch of the config's shapes with random tokens (and what the family retrieves)."""
+  spec = Spec.from_config(config.model)
+  return models.family(spec).example_batch(spec, config.data.batch_size, config.data.seq_len,
+                                           rng)
 
 
 def _cpu_seconds() -> float:

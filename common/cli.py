@@ -19,10 +19,16 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{message} (see --help)")
 
 
-def parser(description: str, *, config_required: bool = True) -> argparse.ArgumentParser:
-  """An ArgumentParser that already takes `--config NAME`; add your own flags to it."""
+def parser(description: str, *, config_required: bool = True,
+           checkpoint_overrides: bool = False) -> argparse.ArgumentParser:
+  """An ArgumentParser that already takes `--config NAME`; add your own flags to it.
+
+  With `checkpoint_overrides`, `--config.x=y` without `--config` is allowed: the overrides
+  are left in `args.overrides` for the caller to apply to a checkpoint's own config.
+  """
   p = _Parser(description=description,
               epilog="Override any config field with --config.section.field=value.")
+  p.set_defaults(checkpoint_overrides=checkpoint_overrides)
   p.add_argument("--config", required=config_required,
                  help=f"named config, one of: {', '.join(configs.names())}")
   return p
@@ -43,8 +49,9 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None
       i += 1
     overrides.append(token)
     i += 1
+  args.overrides = overrides
   if args.config is None:
-    if overrides:
+    if overrides and not args.checkpoint_overrides:
       raise UserError("--config.* overrides need --config NAME")
     return args, None
   return args, configs.load(args.config, overrides)

@@ -66,11 +66,34 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
   node[leaf] = value
 
 
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the numbers that several sections share (K, chunk size, neighbour length) and
+  the family's own fields; a mismatch is a one-line UserError naming the field."""
+  from models.family import get as get_family
+
+  m = cfg.model
+  fam = get_family(m.name)
+  if m.num_neighbours < 1:
+    raise UserError(f"model.num_neighbours={m.num_neighbours} must be >= 1 (K: the datastore "
+                    "items retrieved per query)")
+  if m.chunk_size <= 0:
+    raise UserError(f"model.chunk_size={m.chunk_size} must be positive")
+  if cfg.data.seq_len <= 0 or cfg.data.seq_len % m.chunk_size:
+    fixed = max(m.chunk_size, round(cfg.data.seq_len / m.chunk_size) * m.chunk_size)
+    raise UserError(f"data.seq_len={cfg.data.seq_len} is not a positive multiple of the chunk "
+                    f"size {m.chunk_size}; set --config.data.seq_len={fixed}")
+  if not 0 <= cfg.eval.num_neighbours <= m.num_neighbours:
+    raise UserError(f"eval.num_neighbours={cfg.eval.num_neighbours} must be in 0.."
+                    f"{m.num_neighbours} (model.num_neighbours: the K retrieved; 0 = all)")
+  fam.validate(cfg)
+
+
 def load(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The named config with overrides applied, locked against new fields."""
+  """The named config with overrides applied, validated, locked against new fields."""
   cfg = get_config(name)
   for override in overrides:
     apply_override(cfg, override)
+  validate(cfg)
   cfg.lock()
   return cfg
 
@@ -83,6 +106,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   import json
 
   saved = json.loads(text)
+  realm = saved.get("model", {}).get("realm", {})
+  if "num_candidates" in realm:  # written before K lived in model.num_neighbours alone
+    saved["model"]["num_neighbours"] = realm.pop("num_candidates")
   cfg = get_config(saved["name"]) if saved.get("name") in names() else \
       importlib.import_module("configs.base").base_config()
 

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- model (kwargs of models.get_model) ---
   m = c.model = ml_collections.ConfigDict()
-  m.name = "transformer"  # transformer | retro | realm | knnlm
+  m.name = "transformer"  # a model family: models/<name>.py (transformer, retro, realm, knnlm, incontext)
   m.vocab_size = 8192
   m.width = 256
   m.num_layers = 6
@@ -29,8 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.chunk_size = CHUNK_SIZE
   # RETRO: decoder layers (1-based, as in the paper) that hold chunked cross-attention.
   m.cca_layers = (3, 6)
+  # K: the datastore items retrieved per query (RETRO neighbours, REALM candidates,
+  # In-Context RALM documents). The one place K is set; retrieval builds exactly K.
   m.num_neighbours = 2
-  m.neighbour_len = 2 * CHUNK_SIZE
+  m.neighbour_len = 2 * CHUNK_SIZE  # R: a retrieved chunk plus its continuation
   m.encoder = ml_collections.ConfigDict()
   m.encoder.width = 128
   m.encoder.num_layers = 2
@@ -38,12 +40,17 @@ def base_config() -> ml_collections.ConfigDict:
   m.encoder.head_dim = 32
   m.encoder.mlp_dim = 512
   # REALM reader / retriever.
+  # A family's own fields live in model.<family name>. REALM retrieves K = num_neighbours
+  # chunks of chunk_size tokens (the null document is added on top).
   m.realm = ml_collections.ConfigDict()
-  m.realm.num_candidates = 4  # K retrieved chunks; the null document is added on top
-  m.realm.doc_len = CHUNK_SIZE  # tokens of a retrieved chunk prepended to the input
   m.realm.retriever_dim = 128  # width of the query/document embedding space
   m.realm.embedding_dim = 384  # width of the stale candidate embeddings from the index
   m.realm.doc_encoder = "stale"  # stale: scores vs index embeddings | trainable: re-encode in step
+  # In-Context RALM: every `stride` tokens the last `query_len` tokens retrieve K documents
+  # of neighbour_len tokens, read in the context of the next block.
+  m.incontext = ml_collections.ConfigDict()
+  m.incontext.stride = CHUNK_SIZE
+  m.incontext.query_len = CHUNK_SIZE
 
   # --- data ---
   d = c.data = ml_collections.ConfigDict()
@@ -66,7 +73,6 @@ def base_config() -> ml_collections.ConfigDict:
   r.memory_budget_gb = 4.0
   r.nprobe = 16
   r.ef_search = 64
-  r.num_neighbours = 2  # K
   r.overfetch = 64  # fetch K * overfetch, then drop same-document hits (plays are self-similar)
   r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
   # Drop datastore documents named like a validation document (the last part of the doc
@@ -101,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.knn_lam = 0.25
   e.knn_temperature = 1.0
   e.knn_exact = False
-  e.realm_k = 4
+  e.num_neighbours = 0  # retrieved items a model reads at evaluation (first k); 0 = as trained
   return c
 
 

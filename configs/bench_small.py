@@ -10,7 +10,6 @@ def get_config():
   c.model.dropout = 0.0
   c.model.cca_layers = (3, 6)
   c.model.num_neighbours = 2
-  c.retrieval.num_neighbours = 2
   c.data.seq_len = 512
   c.data.batch_size = 8
   return c

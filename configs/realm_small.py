@@ -7,8 +7,7 @@ def get_config():
   c = base.base_config()
   c.name = "realm_small"
   c.model.name = "realm"
-  c.model.realm.num_candidates = 4
-  c.retrieval.num_neighbours = 4
+  c.model.num_neighbours = 4
   c.model.realm.doc_encoder = "trainable"  # the refresh re-embeds with this encoder
   c.retrieval.refresh_every = 100
   return c

@@ -165,11 +165,7 @@ class Prepared:
 
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
   """Corpus -> split -> tokenizer -> TFDS dataset -> packed streams; every step cached."""
-  d, m = config.data, config.model.chunk_size
-  if d.seq_len <= 0 or d.seq_len % m:
-    fixed = max(m, round(d.seq_len / m) * m)
-    raise UserError(f"data.seq_len={d.seq_len} is not a positive multiple of the chunk size "
-                    f"{m}; set --config.data.seq_len={fixed}")
+  d = config.data  # configs.validate has checked seq_len against the chunk size
   docs = corpora.load_corpus(d.corpus, d.cache_dir, d.max_documents)
   splits = corpora.split_documents(docs, d.val_fraction, d.split_seed)
   if not splits["train"] or not splits["validation"]:

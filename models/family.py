@@ -2,7 +2,7 @@
 
 A family is one module `models/<name>.py` with a module-level `FAMILY = Family(...)`:
 
-    family = models.family.get(config.model.name)      # importlib: models.<name>.FAMILY
+    family = models.family(config.model)                # importlib: models.<name>.FAMILY
     model = family.model(spec)                          # the Flax module
     loss, aux = family.loss(spec)(params, batch, rng)   # rng=None: no dropout (eval)
     request = family.retrieval(spec)                    # what it reads from the datastore
@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from common.errors import UserError
 
@@ -26,7 +28,7 @@ Batch = Mapping[str, Any]
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
 
 # Modules of this package that are building blocks, not families.
-_NOT_FAMILIES = {"family", "layers"}
+_NOT_FAMILIES = {"family", "layers", "ops"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +53,54 @@ class RetrievalSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EvalVariant:
-  """One row of `eval.py`'s table for a family: a label and what to leave out of the batch
-  (e.g. RETRO "retrieval off" drops `neighbours`)."""
+  """One row of `eval.py`'s table for a family: a label, what to leave out of the batch
+  (e.g. RETRO "retrieval off" drops `neighbours`) and the metrics' key ("" = `eval/*`,
+  else `eval/<key>/*`)."""
   label: str
   drop: tuple[str, ...] = ()
+  key: str = ""
+
+
+def token_batch(spec: Any, batch_size: int, seq_len: int, rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+  """Random `inputs`, `targets`, `weights` of a language-model batch (tokens 1..V-1)."""
+  tokens = rng.integers(1, spec.vocab_size, size=(batch_size, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": np.ones((batch_size, seq_len), np.float32)}
+
+
+def tokens_only(spec: Any, batch_size: int, length: int) -> tuple:
+  """The arguments that size a decoding cache of a plain decoder: tokens [B, length]."""
+  return (jnp.zeros((batch_size, length), jnp.int32),)
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """The small interface of a model family (see the module docstring)."""
+  """The small interface of a model family (see the module docstring).
+
+  model(spec) -> the Flax module; loss(spec) -> LossFn; inputs(spec, batch) -> the
+  positional arguments of `model.apply` after the variables; retrieval(spec) -> what it
+  reads from the datastore (None: nothing); example_batch(spec, B, L, rng) -> a random
+  batch with every key the loss reads (benchmarks, tests); eval_variants: the rows
+  `eval.py` reports; sample(context) -> citations: the decoding loop behind
+  `generate.py` (see `inference.Context`); decoder(spec) -> the module that decodes with a
+  cache (default: the model) and decode_init_args(spec, B, length) -> its init inputs;
+  validate(config) -> None or UserError: checks the family's fields of a full config.
+  """
   name: str
   model: Callable[[Any], nn.Module]
   loss: Callable[[Any], LossFn]
   inputs: Callable[[Any, Batch], tuple]
-  retrieval: Callable[[Any], RetrievalSpec | None]
-  example_batch: Callable[[Any, int, int, Any], dict[str, Any]]
-  eval_variants: tuple[EvalVariant, ...] = (EvalVariant("retrieval on"),)
-  sampler: Callable[..., Any] | None = None
+  sample: Callable[[Any], Any]
+  retrieval: Callable[[Any], RetrievalSpec | None] = lambda spec: None
+  example_batch: Callable[[Any, int, int, np.random.Generator], dict[str, Any]] = token_batch
+  eval_variants: tuple[EvalVariant, ...] = (EvalVariant(""),)
   decoder: Callable[[Any], nn.Module] | None = None
-  knn_key: bool = False  # the model returns a kNN-LM key (apply(..., return_key=True))
+  decode_init_args: Callable[[Any, int, int], tuple] = tokens_only
+  validate: Callable[[Any], None] = lambda config: None
+  knn_key: bool = False  # apply(..., return_key=True) also returns the kNN-LM key
   knn_default: bool = False  # evaluate and sample as a kNN-LM unless told otherwise
-  refresh: Callable[[Any], int] | None = None  # steps between index refreshes (0 = frozen)
+  refresh_every: Callable[[Any], int] = lambda config: 0  # steps between index refreshes
 
 
 def names() -> list[str]:

@@ -1,32 +1,28 @@
-"""Shared building blocks: RMSNorm, rotary embeddings, attention, MLP, decoder/encoder blocks.
+"""The model spec and the transformer blocks every family is built from.
 
-Parameters are float32 and carry logical axis names ("embed", "mlp", "heads", "kv",
-"vocab") through `nn.with_logical_partitioning`, so training code can map them onto a
-mesh; computation runs in `Spec.dtype` (bfloat16 on request). With `Spec.remat` each
-attention and MLP sublayer is rematerialised in the backward pass.
-
-Written for XLA's CPU backend (bench/train_throughput.py measures it): every dense layer
-is one 2-D matmul, self-attention projects q, k and v with one matmul, causal attention
-skips the blocks above the diagonal, masks are additive biases, and rotary tables are
-constants. The parameters keep flax's `Dense`/`DenseGeneral` names, shapes and init.
+`Spec` is `config.model` checked and frozen; `DecoderBlock` (causal self-attention,
+optional cross-attention, MLP), `EncoderBlock` and `Encoder` (bidirectional, optionally
+cross-attending to a context) build on `models.ops`. With `Spec.remat` each attention and
+MLP sublayer is rematerialised in the backward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
 
 from common.errors import UserError
+from models.ops import Attention, Kernel, Mlp, Positions, RMSNorm, dense, dense_init, embed_init
 
-MODEL_NAMES = ("transformer", "retro", "realm", "knnlm")
-# Token positions for rotary embeddings: static and hashable (remat specialises on them).
-Positions = tuple[int, ...]
+__all__ = ["Spec", "EncoderSpec", "DecoderBlock", "EncoderBlock", "Encoder", "Kernel",
+           "RMSNorm", "dense", "dense_init", "embed_init"]
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -59,32 +55,22 @@ class Spec:
   num_neighbours: int
   neighbour_len: int
   encoder: EncoderSpec
-  num_candidates: int
-  doc_len: int
-  retriever_dim: int
-  embedding_dim: int
-  doc_encoder: str
+  # The family's own fields: config.model.<name> (e.g. model.realm), frozen as pairs.
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def option(self, key: str) -> Any:
+    """A field of the family's own config section (`config.model.<name>.<key>`)."""
+    return dict(self.options)[key]
 
   @classmethod
   def from_config(cls, cfg: Any) -> Spec:
     """Builds a Spec from `config.model` (a ConfigDict); UserError on a bad value."""
     if isinstance(cfg, Spec):
       return cfg
-    if cfg.name not in MODEL_NAMES:
-      raise UserError(f"model.name={cfg.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
     if cfg.dtype not in _DTYPES:
       raise UserError(f"model.dtype={cfg.dtype!r} is unsupported; use one of {', '.join(_DTYPES)}")
-    if cfg.realm.doc_encoder not in ("stale", "trainable"):
-      raise UserError(f"model.realm.doc_encoder={cfg.realm.doc_encoder!r} is unknown; "
-                      "use 'stale' or 'trainable'")
     if not 0.0 <= cfg.dropout < 1.0:
       raise UserError(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    cca_layers = tuple(int(i) for i in cfg.cca_layers)
-    if cfg.name == "retro":
-      bad = [i for i in cca_layers if not 1 <= i <= cfg.num_layers]
-      if bad or not cca_layers:
-        raise UserError(f"model.cca_layers={cca_layers} must be a non-empty subset of the "
-                        f"1-based decoder layers 1..{cfg.num_layers}")
     for field in ("width", "num_layers", "num_heads", "head_dim", "mlp_dim", "chunk_size"):
       if cfg[field] <= 0:
         raise UserError(f"model.{field}={cfg[field]} must be positive")
@@ -96,262 +82,19 @@ class Spec:
         name=cfg.name, vocab_size=cfg.vocab_size, width=cfg.width, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
         dropout=float(cfg.dropout), dtype=_DTYPES[cfg.dtype], remat=bool(cfg.remat),
-        rope_base=float(cfg.rope_base), chunk_size=cfg.chunk_size, cca_layers=cca_layers,
+        rope_base=float(cfg.rope_base), chunk_size=cfg.chunk_size,
+        cca_layers=tuple(int(i) for i in cfg.cca_layers),
         num_neighbours=cfg.num_neighbours, neighbour_len=cfg.neighbour_len,
         encoder=EncoderSpec(e.width, e.num_layers, e.num_heads, e.head_dim, e.mlp_dim),
-        num_candidates=cfg.realm.num_candidates, doc_len=cfg.realm.doc_len,
-        retriever_dim=cfg.realm.retriever_dim, embedding_dim=cfg.realm.embedding_dim,
-        doc_encoder=cfg.realm.doc_encoder)
+        options=_frozen(cfg.get(cfg.name)))
 
 
-def dense_init(names: tuple[str | None, ...]) -> Callable:
-  """LeCun-normal kernel init boxed with logical axis names."""
-  return nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
-
-
-def embed_init(names: tuple[str | None, ...] = ("vocab", "embed")) -> Callable:
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), names)
-
-
-class Kernel(nn.Module):
-  """A bias-free dense kernel of shape [*in_shape, *features], returned as a 2-D view.
-
-  Initialised like flax's `DenseGeneral` (LeCun normal over the flattened [in, out]
-  matrix, then reshaped), under the parameter name `kernel`, so it stands in for
-  `nn.Dense`/`nn.DenseGeneral` with the same parameter tree. The caller multiplies with
-  `dense`: XLA's CPU backend is fastest on plain 2-D matmuls, and a dot with several
-  contracting dimensions (a [B, L, D] input, a [H, K, D] kernel) makes its weight
-  gradient about twice as slow.
-  """
-  features: tuple[int, ...]
-  names: tuple[str | None, ...]
-
-  @nn.compact
-  def __call__(self, in_shape: tuple[int, ...]) -> jax.Array:
-    n_in, n_out = int(np.prod(in_shape)), int(np.prod(self.features))
-    flat_init = dense_init(self.names)
-
-    def init(rng: jax.Array, shape: tuple[int, ...], dtype: Any) -> Any:
-      flat = flat_init(rng, (n_in, n_out), dtype)
-      return nn.meta.replace_boxed(flat, jnp.reshape(flat.unbox(), shape))
-
-    kernel = self.param("kernel", init, (*in_shape, *self.features), jnp.float32)
-    return kernel.reshape(n_in, n_out)
-
-
-def dense(x: jax.Array, kernel_IxO: jax.Array, dtype: Any, in_dims: int = 1) -> jax.Array:
-  """`x` with its last `in_dims` axes contracted against a 2-D kernel, as one [N, I] x [I, O]
-  matmul in `dtype`; returns [*leading axes of x, O]."""
-  lead = x.shape[:x.ndim - in_dims]
-  x_NxI = x.reshape(-1, kernel_IxO.shape[0]).astype(dtype)
-  if jnp.dtype(dtype) == jnp.float32:
-    y_NxO = jnp.dot(x_NxI, kernel_IxO.astype(dtype))
-  else:
-    y_NxO = _low_precision_matmul(x_NxI, kernel_IxO.astype(dtype))
-  return y_NxO.reshape(*lead, kernel_IxO.shape[1])
-
-
-def _dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b accumulated (and returned) in float32, cast to a's dtype."""
-  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-
-
-@jax.custom_vjp
-def _low_precision_matmul(x_NxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-  """x @ w for bfloat16/float16 operands with float32 accumulation, forward and backward.
-
-  XLA's CPU backend runs bf16 x bf16 -> f32 dots on the AVX512-BF16 instructions (about
-  twice the float32 rate) but bf16 x bf16 -> bf16 ones at the float32 rate; autodiff of
-  the forward dot would also mix a float32 cotangent into the backward dots. (The weight
-  gradient, contracting the leading axis of both operands, still runs in float32.)
-  """
-  return _dot_f32(x_NxI, w_IxO)
-
-
-def _low_precision_matmul_fwd(x_NxI: jax.Array, w_IxO: jax.Array):
-  return _dot_f32(x_NxI, w_IxO), (x_NxI, w_IxO)
-
-
-def _low_precision_matmul_bwd(residuals, dy_NxO: jax.Array):
-  x_NxI, w_IxO = residuals
-  dy_NxO = dy_NxO.astype(x_NxI.dtype)
-  return _dot_f32(dy_NxO, w_IxO.T), _dot_f32(x_NxI.T, dy_NxO)
-
-
-_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-class RMSNorm(nn.Module):
-  """Root-mean-square norm computed in float32, learned per-feature scale."""
-  dtype: Any = jnp.float32
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                         (x_BxTxD.shape[-1],), jnp.float32)
-    x = x_BxTxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D).astype(self.dtype)
-
-
-def rope(x_BxTxHxD: jax.Array, pos_T: Positions | jax.Array, base: float, scale: float = 1.0
-         ) -> jax.Array:
-  """Rotary position embedding (rotate-half form) at integer positions `pos_T`, times
-  `scale` (in float32, before casting back).
-
-  Static positions (a tuple) make the sin/cos tables compile-time constants: XLA would
-  otherwise recompute sin and cos per element inside each fused rope. Decoding passes
-  traced positions (an array), whose tables are computed in the graph.
-  """
-  half = x_BxTxHxD.shape[-1] // 2
-  inv_freq = base ** (-np.arange(half, dtype=np.float32) / half)
-  if isinstance(pos_T, tuple):
-    angle_TxF = np.asarray(pos_T, np.float32)[:, None] * inv_freq[None, :]
-    sin_Tx1xF = (scale * np.sin(angle_TxF))[:, None, :].astype(np.float32)
-    cos_Tx1xF = (scale * np.cos(angle_TxF))[:, None, :].astype(np.float32)
-  else:
-    angle_TxF = pos_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    sin_Tx1xF = (scale * jnp.sin(angle_TxF))[:, None, :]
-    cos_Tx1xF = (scale * jnp.cos(angle_TxF))[:, None, :]
-  x = x_BxTxHxD.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos_Tx1xF - x2 * sin_Tx1xF, x2 * cos_Tx1xF + x1 * sin_Tx1xF], -1)
-  return out.astype(x_BxTxHxD.dtype)
-
-
-# The logit bias of masked keys (`jax.nn.dot_product_attention` substitutes the same value):
-# finite, so a fully masked row stays uniform (never NaN); next to any unmasked key the
-# masked ones get probability, and gradient, exactly 0.
-_MASKED = np.float32(-0.7 * np.finfo(np.float32).max)
-# Query block of causal attention: block i attends to keys [0, (i+1)*block) only, skipping
-# the fully masked blocks above the diagonal (at L=512 the work falls to 5/8).
-CAUSAL_BLOCK = 128
-
-
-@jax.custom_jvp
-def _softmax(x: jax.Array) -> jax.Array:
-  """Softmax over the last axis; its derivative is written out (y * (t - <y, t>)), which
-  XLA's CPU backend runs about 10% faster in attention than `jax.nn.softmax`'s."""
-  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
-
-
-@_softmax.defjvp
-def _softmax_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
-                 ) -> tuple[jax.Array, jax.Array]:
-  (x,), (t,) = primals, tangents
-  y = _softmax(x)
-  return y, y * (t - jnp.sum(y * t, axis=-1, keepdims=True))
-
-
-def _rows(mask_Bx1xTxS: jax.Array, t0: int, t1: int, s1: int) -> jax.Array:
-  """Rows t0:t1 (unless broadcast) and the first s1 keys (unless broadcast) of a mask."""
-  rows = slice(t0, t1) if mask_Bx1xTxS.shape[2] > 1 else slice(None)
-  keys = slice(0, s1) if mask_Bx1xTxS.shape[3] > 1 else slice(None)
-  return mask_Bx1xTxS[:, :, rows, keys]
-
-
-def attend(q_BxHxTxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
-           mask_Bx1xTxS: jax.Array | None = None, causal: bool = False) -> jax.Array:
-  """softmax(q k^T + masks) v per head; `q` already carries the 1/sqrt(K) scale.
-
-  Logits and softmax are float32 (as in `jax.nn.dot_product_attention`); `causal`
-  (self-attention, T == S) runs in query blocks of `CAUSAL_BLOCK` that skip the keys after
-  the block, which are masked anyway. `mask_Bx1xTxS` (True = attend) broadcasts.
-  """
-  T, S = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
-  step = CAUSAL_BLOCK if causal else T
-  outs = []
-  for t0 in range(0, T, step):
-    t1 = min(t0 + step, T)
-    s1 = t1 if causal else S
-    logits_BxHxQxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxTxK[:, :, t0:t1], k_BxHxSxK[:, :, :s1],
-                                preferred_element_type=jnp.float32)
-    keep = None if mask_Bx1xTxS is None else _rows(mask_Bx1xTxS, t0, t1, s1)
-    if causal:
-      tri_QxS = np.arange(s1)[None, :] <= np.arange(t0, t1)[:, None]
-      keep = tri_QxS if keep is None else keep & tri_QxS
-    if keep is not None:
-      # An additive bias of the mask's (broadcast) shape: a select against the full
-      # logits costs XLA's CPU backend twice the time of the whole masked softmax.
-      logits_BxHxQxS = logits_BxHxQxS + jnp.where(keep, np.float32(0), _MASKED)
-    probs_BxHxQxS = _softmax(logits_BxHxQxS).astype(v_BxHxSxK.dtype)
-    outs.append(jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxQxS, v_BxHxSxK[:, :, :s1]))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-
-
-class Attention(nn.Module):
-  """Multi-head attention with rotary positions.
-
-  Queries come from `x`, keys and values from `kv`, or from `x` too with `kv=None`
-  (self-attention: then one matmul projects q, k and v); `causal` adds the causal mask,
-  `mask_Bx1xTxS` (True = attend) any other. Parameters: `query`, `key`, `value`
-  ([D, H, K] kernels) and `out` ([H, K, D]), as with flax's `DenseGeneral`.
-
-  `decode=True` (self-attention only) keeps the rotated keys and the values of every
-  position in the "cache" collection: `init` with decode sizes the cache by its input
-  length S; each later call writes its T new keys and values at positions `pos_S` (an
-  array) and attends over all S cached positions, so `mask_Bx1xTxS` must say which of
-  them each query sees.
-  """
-  num_heads: int
-  head_dim: int
-  out_dim: int
-  rope_base: float
-  causal: bool = False
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None,
-               pos_T: Positions | jax.Array, pos_S: Positions | jax.Array,
-               mask_Bx1xTxS: jax.Array | None = None, decode: bool = False) -> jax.Array:
-    H, K = self.num_heads, self.head_dim
-    self_attention = kv_BxSxE is None
-    kv_BxSxE = x_BxTxD if self_attention else kv_BxSxE
-    (B, T, D), S = x_BxTxD.shape, kv_BxSxE.shape[1]
-    proj = lambda name, width: Kernel((H, K), ("embed", "heads", "kv"), name=name)((width,))
-    wq_DxHK = proj("query", D)
-    wk_ExHK, wv_ExHK = proj("key", kv_BxSxE.shape[-1]), proj("value", kv_BxSxE.shape[-1])
-    if self_attention:
-      qkv_BxTx3xHxK = dense(x_BxTxD, jnp.concatenate([wq_DxHK, wk_ExHK, wv_ExHK], 1),
-                            self.dtype).reshape(B, T, 3, H, K)
-      q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
-    else:
-      q_BxTxHxK = dense(x_BxTxD, wq_DxHK, self.dtype).reshape(B, T, H, K)
-      kv_BxSx2xHxK = dense(kv_BxSxE, jnp.concatenate([wk_ExHK, wv_ExHK], 1),
-                           self.dtype).reshape(B, S, 2, H, K)
-      k_BxSxHxK, v_BxSxHxK = kv_BxSx2xHxK[:, :, 0], kv_BxSx2xHxK[:, :, 1]
-    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))
-    q_BxHxTxK = heads_first(rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5))
-    k_BxHxSxK = heads_first(rope(k_BxSxHxK, pos_S, self.rope_base))
-    v_BxHxSxK = heads_first(v_BxSxHxK)
-    causal = self.causal
-    if decode:
-      keys = self.variable("cache", "cached_key", jnp.zeros, k_BxHxSxK.shape, k_BxHxSxK.dtype)
-      values = self.variable("cache", "cached_value", jnp.zeros, v_BxHxSxK.shape,
-                             v_BxHxSxK.dtype)
-      if not self.is_initializing():
-        start = (0, 0, pos_S[0], 0)
-        keys.value = jax.lax.dynamic_update_slice(keys.value, k_BxHxSxK, start)
-        values.value = jax.lax.dynamic_update_slice(values.value, v_BxHxSxK, start)
-        k_BxHxSxK, v_BxHxSxK, causal = keys.value, values.value, False
-    out_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, causal)
-    wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), name="out")((H, K))
-    return dense(heads_first(out_BxHxTxK), wo_HKxD, self.dtype, in_dims=2)
-
-
-class Mlp(nn.Module):
-  """Two-layer GELU feed-forward (parameters `wi`, `wo`, as with flax's `Dense`)."""
-  hidden_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    D = x_BxTxD.shape[-1]
-    wi_DxF = Kernel((self.hidden_dim,), ("embed", "mlp"), name="wi")((D,))
-    wo_FxD = Kernel((D,), ("mlp", "embed"), name="wo")((self.hidden_dim,))
-    return dense(nn.gelu(dense(x_BxTxD, wi_DxF, self.dtype)), wo_FxD, self.dtype)
+def _frozen(section: Any) -> tuple[tuple[str, Any], ...]:
+  """A config section as sorted (key, value) pairs (lists become tuples): hashable."""
+  if not isinstance(section, ml_collections.ConfigDict):
+    return ()
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                      for k, v in section.to_dict().items()))
 
 
 def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:

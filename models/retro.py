@@ -21,12 +21,17 @@ changes when they arrive, so the cached logits equal the full forward's.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+import models
 from common.errors import UserError
-from models.layers import DecoderBlock, Encoder
+from models.family import EvalVariant, Family, RetrievalSpec, token_batch
+from models.layers import DecoderBlock, Encoder, Spec
 from models.transformer import Transformer
 
 
@@ -161,3 +166,71 @@ class Retro(Transformer):
         x_BxLxD = x_BxLxD + self._cca(block, x_BxLxD, enc_NxKxRxE, valid_NxKxR, deterministic)
       x_BxLxD, _ = block.feed_forward(x_BxLxD, deterministic)
     return self.logits(x_BxLxD)[:, :L]
+
+
+def retrieval(spec: Spec) -> RetrievalSpec:
+  """K neighbours of R tokens (chunk + continuation) for every chunk, queried by the chunk."""
+  m = spec.chunk_size
+  return RetrievalSpec(kind="neighbours", k=spec.num_neighbours, length=spec.neighbour_len,
+                       batch_keys=("neighbours",), stride=m, query_len=m)
+
+
+def example_batch(spec: Spec, batch_size: int, seq_len: int, rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+  batch = token_batch(spec, batch_size, seq_len, rng)
+  shape = (batch_size, seq_len // spec.chunk_size, spec.num_neighbours, spec.neighbour_len)
+  batch["neighbours"] = rng.integers(1, spec.vocab_size, size=shape, dtype=np.int32)
+  return batch
+
+
+def decode_init_args(spec: Spec, batch_size: int, length: int) -> tuple:
+  chunks = -(-length // spec.chunk_size)
+  return (jnp.zeros((batch_size, length), jnp.int32),
+          jnp.zeros((batch_size, chunks, spec.num_neighbours, spec.neighbour_len), jnp.int32))
+
+
+def validate(config: Any) -> None:
+  m = config.model
+  layers = tuple(m.cca_layers)
+  if not layers or any(not 1 <= i <= m.num_layers for i in layers):
+    raise UserError(f"model.cca_layers={layers} must be a non-empty subset of the 1-based "
+                    f"decoder layers 1..{m.num_layers}")
+  if m.neighbour_len < m.chunk_size:
+    raise UserError(f"model.neighbour_len={m.neighbour_len} is shorter than a chunk "
+                    f"(model.chunk_size={m.chunk_size}); the paper uses 2 * chunk_size")
+
+
+def sample(ctx: Any) -> Callable[[int, int, int], list]:
+  """RETRO decoding: after every completed chunk (prompt or generated) its text queries the
+  datastore and the K neighbours condition the next m positions, as in the paper. Tokens
+  of chunk j were predicted from positions jm-1 .. (j+1)m-2, i.e. from chunk j-1's
+  neighbours: those are its citations."""
+  s = ctx.spec
+  m, K, R = s.chunk_size, ctx.k, s.neighbour_len
+  tokens_BxT = ctx.tokens_BxT
+  B, T = tokens_BxT.shape
+  step = ctx.decoder()
+  cache = ctx.cache(B, T)
+  store = ctx.store
+  retrieved: dict[int, dict[int, list]] = {b: {} for b in range(B)}
+  for pos in ctx.positions("generate (RETRO)"):
+    nbr_Bx1xKxR = None
+    if store is not None and pos % m == m - 1:  # chunk pos // m is complete: retrieve
+      ids_BxK, dists_BxK = store.search(tokens_BxT[:, pos + 1 - m:pos + 1], K)
+      windows_BxKxR = store.windows(ids_BxK, R)
+      nbr_Bx1xKxR = jnp.asarray(windows_BxKxR[:, None])
+      for b in range(B):
+        retrieved[b][pos // m] = [store.neighbour(i, d, w) for i, d, w in
+                                  zip(ids_BxK[b], dists_BxK[b], windows_BxKxR[b]) if i >= 0]
+    logits_Bx1xV, cache = step(ctx.params, cache, jnp.asarray(tokens_BxT[:, pos:pos + 1]),
+                               nbr_Bx1xKxR)
+    ctx.draw(pos, jax.nn.log_softmax(logits_Bx1xV[:, 0]))
+  return lambda b, first, last: retrieved[b].get(first // m - 1, [])
+
+
+FAMILY = Family(
+    name="retro", model=Retro, loss=models.lm_loss, sample=sample,
+    inputs=lambda spec, batch: (batch["inputs"], batch.get("neighbours")),
+    retrieval=retrieval, example_batch=example_batch, decode_init_args=decode_init_args,
+    validate=validate,
+    eval_variants=(EvalVariant("retrieval on"), EvalVariant("retrieval off", ("neighbours",), "no_retrieval")))

@@ -1,4 +1,4 @@
-"""The decoder-only LM: the baseline, the kNN-LM base, and the trunk of RETRO and REALM.
+"""The decoder-only LM family: the baseline, the kNN-LM base, and the trunk of RETRO and REALM.
 
 Input embedding and output projection are untied (RETRO-pytorch and the paper's
 baselines do the same; it also keeps the kNN key free of the output embedding).
@@ -6,12 +6,14 @@ baselines do the same; it also keeps the kNN key free of the output embedding).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import models
+from models.family import Family
 from models.layers import DecoderBlock, Kernel, RMSNorm, Spec, dense, embed_init
 
 
@@ -87,3 +89,22 @@ class Transformer(nn.Module):
     if return_key:
       return logits_BxLxV, key_BxLxD.astype(jnp.float32)
     return logits_BxLxV
+
+
+def sample(ctx: Any) -> Callable[[int, int, int], list]:
+  """Plain decoding with a KV cache (no retrieval); as a kNN-LM when `ctx.knn` is set."""
+  if ctx.knn is not None:
+    from models import knnlm
+
+    return knnlm.sample(ctx)
+  B, T = ctx.tokens_BxT.shape
+  step = ctx.decoder()
+  cache = ctx.cache(B, T)
+  for pos in ctx.positions("generate"):
+    logits_Bx1xV, cache = step(ctx.params, cache, jnp.asarray(ctx.tokens_BxT[:, pos:pos + 1]))
+    ctx.draw(pos, jax.nn.log_softmax(logits_Bx1xV[:, 0]))
+  return lambda b, first, last: []
+
+
+FAMILY = Family(name="transformer", model=Transformer, loss=models.lm_loss, sample=sample,
+                inputs=lambda spec, batch: (batch["inputs"],), knn_key=True)

@@ -330,3 +330,19 @@ def load_params(workdir: str | os.PathLike, step: int | None = None,
       return checkpointer.restore(state_dir, args=args)["params"]
   except Exception as e:
     raise _unreadable(state_dir.parent, e, earlier) from e
+
+
+def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, Any]:
+  """(resolved config, params) of a checkpoint (latest if `step` is None).
+
+  The params are placed on whatever devices are present (all on the `data` axis), however
+  many devices saved them: this is what a notebook calls (re-exported as
+  `train.load_checkpoint`).
+  """
+  import configs
+
+  meta = restore_meta(workdir, step)
+  config = configs.from_json(meta["config"])
+  params = load_params(workdir, meta["step"])
+  return config, params

@@ -1,5 +1,6 @@
 """Evaluation behind `eval.py`: perplexity of any checkpoint, with or without retrieval,
-with another datastore (RETRO), kNN-LM interpolation sweeps, and REALM at chosen k.
+with another datastore, with the first k retrieved items, as another compatible family
+(a baseline as In-Context RALM), and kNN-LM interpolation sweeps.
 
     results = evaluate("runs/retro_small")                        # RETRO with retrieval
     results = evaluate("runs/knnlm_small", knn={"lam": 0.25, "k": 16})
@@ -7,10 +8,11 @@ with another datastore (RETRO), kNN-LM interpolation sweeps, and REALM at chosen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import models
 from common.artifacts import atomic_write_text, fingerprint
 from common.errors import UserError
 from models import knnlm
+from models.layers import Spec
 from data import dataset
 from retrieval import build, neighbours
 from training import checkpoint, loop, sharding
@@ -30,24 +33,14 @@ from training import checkpoint, loop, sharding
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 
-def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, Any]:
-  """(resolved config, params) of a checkpoint (latest if `step` is None).
-
-  The params are placed on whatever devices are present (all on the `data` axis), however
-  many devices saved them: this is what a notebook calls.
-  """
-  meta = checkpoint.restore_meta(workdir, step)
-  config = configs.from_json(meta["config"])
-  params = checkpoint.load_params(workdir, meta["step"])
-  return config, params
-
-
-def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted fields replaced (`**{"retrieval.datastore": "x"}`)."""
+def _with(config: ml_collections.ConfigDict, overrides: list[str], **fields: Any
+          ) -> ml_collections.ConfigDict:
+  """A validated copy of `config` with dotted overrides and fields replaced
+  (`**{"retrieval.datastore": "x"}`)."""
   out = ml_collections.ConfigDict(config.to_dict())
-  for key, value in fields.items():
-    configs.apply_override(out, f"{key}={value}")
+  for override in [*(f"{key}={value}" for key, value in fields.items()), *overrides]:
+    configs.apply_override(out, override)
+  configs.validate(out)
   out.lock()
   return out
 
@@ -70,21 +63,27 @@ def knn_settings(config: ml_collections.ConfigDict, knn: Mapping[str, Any] | boo
 def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: bool = True,
              knn: Mapping[str, Any] | bool | None = None, *, step: int | None = None,
              datastore: str | None = None, drop_heldout: bool | None = None,
-             realm_k: int | None = None, batches: int | None = None, write: bool = True
+             k: int | None = None, model: str | None = None,
+             overrides: Sequence[str] = (), batches: int | None = None, write: bool = True
              ) -> dict[str, Any]:
   """Perplexity of the checkpoint in `workdir` on `split`.
 
   Args:
-    retrieval: RETRO: feed the neighbours (False: the same model without retrieval).
+    retrieval: feed what the family retrieves (False: the same model without it; for
+      RETRO and In-Context RALM the plain decoder).
     knn: kNN-LM: True or {"lam", "k", "temperature", "exact"} (defaults from config.eval);
       adds `knn/*` results, a lambda sweep (table + `knn_sweep.png`) and approximate vs
-      exact distances. Works for any model that returns a kNN key (transformer, knnlm).
-    datastore: RETRO: a corpus spec whose chunks replace the training datastore
-      (no retraining), e.g. "shakespeare_folio".
-    drop_heldout: RETRO: drop datastore documents named like a validation document (default:
-      as trained, `retrieval.datastore_drop_heldout`); False lets another edition of a
+      exact distances. Works for any family whose model returns a kNN key.
+    datastore: a corpus spec whose chunks replace the training datastore (no retraining),
+      e.g. "shakespeare_folio".
+    drop_heldout: drop datastore documents named like a validation document (default: as
+      trained, `retrieval.datastore_drop_heldout`); False lets another edition of a
       held-out text into the datastore (leakage, the RETRO paper's overlap analysis).
-    realm_k: REALM: marginalise over the top `realm_k` candidates (default config.eval.realm_k).
+    k: read only the first k retrieved items per query (REALM candidates, RETRO or
+      In-Context documents; default config.eval.num_neighbours, 0 = all).
+    model: evaluate the checkpoint's parameters as this family (they must fit it), e.g. a
+      baseline as "incontext".
+    overrides: dotted config overrides (`"model.incontext.stride=32"`) applied before.
     batches: evaluate only this many batches (default config.eval.batches; 0 = all).
   Returns:
     {"perplexity", "loss", "tokens", ...}; also written to `<workdir>/eval_<split>.json`.
@@ -93,40 +92,43 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
                     f"--workdir {workdir}")
-  config, params = load_checkpoint(workdir, step)
+  config, params = checkpoint.load_checkpoint(workdir, step)
   if split not in dataset.SPLITS:
     raise UserError(f"unknown split {split!r}; use one of {', '.join(dataset.SPLITS)}")
-  name = config.model.name
-  if (datastore or drop_heldout is not None) and name != "retro":
-    raise UserError(f"--datastore/--heldout swap RETRO's neighbours; this checkpoint is "
-                    f"{name!r}")
+  fields = {"model.name": model} if model else {}
   if datastore:
-    config = _with(config, **{"retrieval.datastore": datastore})
+    fields["retrieval.datastore"] = datastore
   if drop_heldout is not None:
-    config = _with(config, **{"retrieval.datastore_drop_heldout": drop_heldout})
+    fields["retrieval.datastore_drop_heldout"] = drop_heldout
+  config = _with(config, list(overrides), **fields)
+  family = models.family(config.model)
+  request = family.retrieval(Spec.from_config(config.model))
+  if (datastore or drop_heldout is not None) and request is None:
+    raise UserError(f"--datastore/--heldout swap the datastore; model {config.model.name!r} "
+                    "reads none")
+  if model:
+    _check_params_fit(config, params, workdir)
   max_batches = config.eval.batches if batches is None else batches
-  artifacts = build.build_all(config)
+  artifacts = build.build_all(config, splits=(split,))
   saved = checkpoint.restore_meta(workdir, step)
   check_data(saved, artifacts.prepared.hashes, workdir)
   mesh = sharding.make_mesh()
-  result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"], "model": name,
-                            "split": split}
+  result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"],
+                            "model": config.model.name, "split": split}
   drop: tuple[str, ...] = ()
-  if name == "retro":
+  if request is not None:
     result["retrieval"] = bool(retrieval)
     result["datastore"] = config.retrieval.datastore or "train split"
     result["datastore_drop_heldout"] = config.retrieval.datastore_drop_heldout
-    if not retrieval:
-      drop = ("neighbours",)
-  if name == "realm":
-    if loop.refreshes(config):  # the index as the run left it: re-embedded by these params
+    if loop.refresh_every(config):  # the index as the run left it: re-embedded by these params
       artifacts = loop.refresh_candidates(config, artifacts, params)
       result["index"] = f"refreshed at step {saved['step']}"
-    else:
-      result["index"] = "frozen"
-    k = config.eval.realm_k if realm_k is None else realm_k
-    artifacts = _first_k_candidates(artifacts, k)
-    result["realm_k"] = k
+    if not retrieval:
+      drop = request.batch_keys
+    k = config.eval.num_neighbours if k is None else k
+    result["k"] = k or request.k
+    if k:
+      artifacts = _first_k(artifacts, k)
   eval_fn = loop.make_eval_fn(config.model)
   result.update(loop.evaluate_split(eval_fn, params, artifacts, split, config.eval.batch_size,
                                     max_batches, mesh, drop=drop))
@@ -139,6 +141,19 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   return result
 
 
+def _check_params_fit(config: ml_collections.ConfigDict, params: Any, workdir: Path) -> None:
+  """UserError unless the checkpoint's parameters have the tree and shapes of the model."""
+  spec = Spec.from_config(config.model)
+  batch = models.family(spec).example_batch(spec, 1, config.data.seq_len,
+                                            np.random.default_rng(0))
+  want = jax.eval_shape(lambda: models.init_params(config.model, jax.random.key(0), batch))
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+  if shapes(want) != shapes(params):
+    raise UserError(f"the parameters in {workdir} do not fit model {config.model.name!r} "
+                    f"(another parameter tree or shapes); evaluate it as the model it was "
+                    f"trained as (see {workdir}/config.json)")
+
+
 def check_data(saved: Mapping[str, Any], hashes: Mapping[str, str], workdir: Path) -> None:
   trained = saved.get("hashes", {})
   for key in ("corpus", "tokenizer", "dataset"):
@@ -148,19 +163,14 @@ def check_data(saved: Mapping[str, Any], hashes: Mapping[str, str], workdir: Pat
                       f"trained with (see {workdir}/config.json)")
 
 
-def _first_k_candidates(artifacts: build.Artifacts, k: int) -> build.Artifacts:
-  """REALM artifacts whose batches carry only the top-k candidates."""
-  have = next(iter(artifacts.retrieved.arrays.values()))["candidates"].shape[1]
+def _first_k(artifacts: build.Artifacts, k: int) -> build.Artifacts:
+  """Artifacts whose batches carry only the first k retrieved items of every query."""
+  retrieved = artifacts.retrieved
+  have = retrieved.k
   if not 1 <= k <= have:
-    raise UserError(f"REALM k={k} but {have} candidates were retrieved; choose 1..{have} or "
-                    f"rebuild with --config.retrieval.num_neighbours={k}")
-  arrays = {split: {n: a[:, :k] for n, a in per.items()}
-            for split, per in artifacts.retrieved.arrays.items()}
-  retrieved = neighbours.Retrieved(kind=artifacts.retrieved.kind, arrays=arrays,
-                                   directory=artifacts.retrieved.directory,
-                                   manifest=artifacts.retrieved.manifest)
-  return build.Artifacts(prepared=artifacts.prepared, datastore=artifacts.datastore,
-                         retrieved=retrieved, hashes=artifacts.hashes)
+    raise UserError(f"k={k} but {have} items were retrieved per query; choose 1..{have} or "
+                    f"rebuild with --config.model.num_neighbours={k}")
+  return dataclasses.replace(artifacts, retrieved=retrieved.first_k(k))
 
 
 def params_hash(params: Any) -> str:
@@ -194,9 +204,9 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
                  split: str, settings: Mapping[str, Any], max_batches: int, step: int,
                  out_dir: Path | None) -> dict[str, Any]:
   """kNN-LM perplexity at `settings["lam"]`, a lambda sweep, and exact vs approximate."""
-  if config.model.name not in ("transformer", "knnlm"):
-    raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (transformer/knnlm), "
-                    f"not {config.model.name!r}")
+  if not models.family(config.model).knn_key:
+    raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
+                    f"kNN key), not model {config.model.name!r}")
   store, apply = knn_datastore(config, params, artifacts.prepared, step)
   T, k = settings["temperature"], int(settings["k"])
   knn_target = jax.jit(lambda d, t, y: knnlm.knn_target_log_probs(d, t, y, T))

@@ -102,15 +102,15 @@ def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artif
   stale_NxE = neighbours.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
   retrieved = neighbours.refresh(
       lambda t, e: np.asarray(docs(params, t, e)), lambda t: np.asarray(queries(params, t)),
-      artifacts.datastore.split, stale_NxE, splits, config.model.realm.num_candidates,
+      artifacts.datastore.split, stale_NxE, splits, config.model.num_neighbours,
       overfetch=r.overfetch, metric=r.metric, index_spec=r.index,
       memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search)
   return dataclasses.replace(artifacts, retrieved=retrieved)
 
 
-def refreshes(config: ml_collections.ConfigDict) -> bool:
-  return (config.model.name == "realm" and config.retrieval.refresh_every > 0
-          and config.model.realm.doc_encoder == "trainable")
+def refresh_every(config: ml_collections.ConfigDict) -> int:
+  """Steps between refreshes of the stale index (the family decides; 0 = frozen)."""
+  return models.family(config.model).refresh_every(config)
 
 
 def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
@@ -232,8 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   timings["init"] = time.perf_counter() - start
 
   refreshed_at = 0
-  if refreshes(config) and first >= config.retrieval.refresh_every:
-    refreshed_at = first - first % config.retrieval.refresh_every
+  every = refresh_every(config)
+  if every and first >= every:
+    refreshed_at = first - first % every
     artifacts = refresh_candidates(config, artifacts, state.params)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=first)  # drops a dead run's records
@@ -267,13 +268,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     with stop:
       for step in range(first, end):
-        if refreshes(config) and step > 0 and step % config.retrieval.refresh_every == 0 \
-            and step != refreshed_at:
+        if every and step > 0 and step % every == 0 and step != refreshed_at:
           artifacts = refresh_candidates(config, artifacts, state.params)
           refreshed_at = step
         batch = device_batch(train_batch(config, artifacts, step), mesh)
         state, step_metrics = step_fn(state, batch)
-        if refreshes(config):
+        if every:
           step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
         record(lagged.push(step + 1, step_metrics))
         bar.update(1)
@@ -322,11 +322,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _final_eval(config: ml_collections.ConfigDict, eval_fn: Callable, params: Any,
                 artifacts: build.Artifacts, mesh: jax.sharding.Mesh,
                 writer: metrics_lib.MetricsWriter, step: int) -> dict[str, float]:
-  """Validation metrics at the end; RETRO also without retrieval."""
+  """Validation metrics at the end, for each of the family's evaluation variants (RETRO
+  and In-Context RALM also without retrieval: `eval/no_retrieval/*`)."""
   out = {}
-  variants = [("eval", ())]
-  if config.model.name == "retro":
-    variants.append(("eval/no_retrieval", ("neighbours",)))
+  variants = [("/".join(filter(None, ("eval", v.key))), v.drop)
+              for v in models.family(config.model).eval_variants]
   for prefix, drop in variants:
     ev = evaluate_split(eval_fn, params, artifacts, "validation", config.eval.batch_size,
                         config.eval.batches, mesh, drop=drop, desc=prefix)
