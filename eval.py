@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--batches", type=int, default=None, help="evaluate only N batches")
   args, _ = cli.parse(p, argv)
   name = args.model or configs.from_json(restore_meta(args.workdir, args.step)["config"]).model.name
-  family = models.family(name)
+  family = models.get_family(name)
   knn = None
   if family.knn_key and (args.knn or family.knn_default):
     knn = {"lam": args.lam, "k": args.k, "temperature": args.temperature,

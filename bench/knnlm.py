@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.workdir:
     config, params = evaluation.load_checkpoint(args.workdir)
     B, L = config.eval.batch_size, config.data.seq_len
-    if not models.family(config.model).knn_key:
+    if not models.get_family(config.model).knn_key:
       raise UserError(f"{args.workdir} holds a {config.model.name!r} model; the kNN-LM "
                       f"benchmark needs a transformer or knnlm run")
   else:

@@ -156,7 +156,7 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
   sampler = Sampler(float(temperature), int(top_k), float(top_p))
   sampler.check(vocab_size=None)
   config, params, meta = _load(source, step)
-  family = models.family(config.model)
+  family = models.get_family(config.model)
   sampler.check(config.model.vocab_size)
   if knn is None:
     knn = family.knn_default

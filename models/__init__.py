@@ -21,16 +21,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import family as family_lib
+from models import family as family_lib  # noqa: F401 (models.family is the submodule)
 from models.family import Family, LossFn
 from models.layers import Spec
 
-__all__ = ["Family", "LossFn", "family", "get_model", "get_decoder", "init_cache",
+__all__ = ["Family", "LossFn", "get_family", "get_model", "get_decoder", "init_cache",
            "model_inputs", "init_params", "param_axes", "make_loss_fn", "token_log_probs",
            "lm_loss"]
 
 
-def family(model_config: Any) -> Family:
+def get_family(model_config: Any) -> Family:
   """The family of `model_config` (a ConfigDict section, a Spec or a name)."""
   name = model_config if isinstance(model_config, str) else model_config.name
   return family_lib.get(name)
@@ -38,14 +38,14 @@ def family(model_config: Any) -> Family:
 
 def get_model(model_config: Any) -> nn.Module:
   """The Flax module of `model_config.name`'s family."""
-  return family(model_config).model(Spec.from_config(model_config))
+  return get_family(model_config).model(Spec.from_config(model_config))
 
 
 def get_decoder(model_config: Any) -> nn.Module:
   """The module that decodes incrementally (`decode=True`), without remat: the model
   itself, or the family's decoder (REALM: its reader, a `Transformer` on `params["reader"]`)."""
   spec = dataclasses.replace(Spec.from_config(model_config), remat=False)
-  fam = family(spec)
+  fam = get_family(spec)
   return (fam.decoder or fam.model)(spec)
 
 
@@ -60,7 +60,7 @@ def init_cache(model_config: Any, batch_size: int, length: int) -> Any:
   the token that completes it, position (c+1)m-1, else None).
   """
   spec = Spec.from_config(model_config)
-  args = family(spec).decode_init_args(spec, batch_size, length)
+  args = get_family(spec).decode_init_args(spec, batch_size, length)
   decoder = get_decoder(spec)
   shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), *args, decode=True))
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes["cache"])
@@ -69,7 +69,7 @@ def init_cache(model_config: Any, batch_size: int, length: int) -> Any:
 def model_inputs(model_config: Any, batch: Mapping[str, jax.Array]) -> tuple:
   """The positional arguments of the model's `apply` after the variables, from a batch."""
   spec = Spec.from_config(model_config)
-  return family(spec).inputs(spec, batch)
+  return get_family(spec).inputs(spec, batch)
 
 
 def init_params(model_config: Any, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
@@ -94,13 +94,13 @@ def make_loss_fn(model_config: Any) -> LossFn:
   float32, with loss = nll_sum / tokens; families add their own diagnostics.
   """
   spec = Spec.from_config(model_config)
-  return family(spec).loss(spec)
+  return get_family(spec).loss(spec)
 
 
 def apply_fn(spec: Spec):
   """`run(params, batch, rng) -> model outputs` for a family's loss: dropout when an rng is
   given and the model has dropout; the positional inputs from `model_inputs`."""
-  fam = family(spec)
+  fam = get_family(spec)
   model = fam.model(spec)
 
   def run(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array | None):

@@ -2,7 +2,7 @@
 
 A family is one module `models/<name>.py` with a module-level `FAMILY = Family(...)`:
 
-    family = models.family(config.model)                # importlib: models.<name>.FAMILY
+    family = models.get_family(config.model)                # importlib: models.<name>.FAMILY
     model = family.model(spec)                          # the Flax module
     loss, aux = family.loss(spec)(params, batch, rng)   # rng=None: no dropout (eval)
     request = family.retrieval(spec)                    # what it reads from the datastore

@@ -28,7 +28,7 @@ def test_every_family_exports_the_interface_and_every_config_names_one():
     fam = family_lib.get(name)
     assert fam.name == name
   for name in configs.names():
-    assert models.family(configs.load(name).model).name == configs.load(name).model.name
+    assert models.get_family(configs.load(name).model).name == configs.load(name).model.name
 
 
 def test_no_model_name_is_compared_outside_models_and_configs():

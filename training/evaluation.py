@@ -101,7 +101,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if drop_heldout is not None:
     fields["retrieval.datastore_drop_heldout"] = drop_heldout
   config = _with(config, list(overrides), **fields)
-  family = models.family(config.model)
+  family = models.get_family(config.model)
   request = family.retrieval(Spec.from_config(config.model))
   if (datastore or drop_heldout is not None) and request is None:
     raise UserError(f"--datastore/--heldout swap the datastore; model {config.model.name!r} "
@@ -144,7 +144,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
 def _check_params_fit(config: ml_collections.ConfigDict, params: Any, workdir: Path) -> None:
   """UserError unless the checkpoint's parameters have the tree and shapes of the model."""
   spec = Spec.from_config(config.model)
-  batch = models.family(spec).example_batch(spec, 1, config.data.seq_len,
+  batch = models.get_family(spec).example_batch(spec, 1, config.data.seq_len,
                                             np.random.default_rng(0))
   want = jax.eval_shape(lambda: models.init_params(config.model, jax.random.key(0), batch))
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
@@ -204,7 +204,7 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
                  split: str, settings: Mapping[str, Any], max_batches: int, step: int,
                  out_dir: Path | None) -> dict[str, Any]:
   """kNN-LM perplexity at `settings["lam"]`, a lambda sweep, and exact vs approximate."""
-  if not models.family(config.model).knn_key:
+  if not models.get_family(config.model).knn_key:
     raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
                     f"kNN key), not model {config.model.name!r}")
   store, apply = knn_datastore(config, params, artifacts.prepared, step)

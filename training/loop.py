@@ -110,7 +110,7 @@ def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artif
 
 def refresh_every(config: ml_collections.ConfigDict) -> int:
   """Steps between refreshes of the stale index (the family decides; 0 = frozen)."""
-  return models.family(config.model).refresh_every(config)
+  return models.get_family(config.model).refresh_every(config)
 
 
 def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
@@ -326,7 +326,7 @@ def _final_eval(config: ml_collections.ConfigDict, eval_fn: Callable, params: An
   and In-Context RALM also without retrieval: `eval/no_retrieval/*`)."""
   out = {}
   variants = [("/".join(filter(None, ("eval", v.key))), v.drop)
-              for v in models.family(config.model).eval_variants]
+              for v in models.get_family(config.model).eval_variants]
   for prefix, drop in variants:
     ev = evaluate_split(eval_fn, params, artifacts, "validation", config.eval.batch_size,
                         config.eval.batches, mesh, drop=drop, desc=prefix)
