@@ -93,7 +93,7 @@ def run_all(out: Path, quick: bool, steps: int | None, realm_steps: int | None
     ev(f"knnlm_T{temperature:g}", d / "baseline", knn={"temperature": temperature})
   for run in ("realm_frozen", "realm_refreshed"):
     for k in (1, 4):
-      ev(f"{run}_k{k}", d / run, realm_k=k)
+      ev(f"{run}_k{k}", d / run, k=k)
   start = time.perf_counter()
   rows["coverage"] = neighbour_coverage()
   rows["seconds"]["coverage"] = round(time.perf_counter() - start, 1)

@@ -21,7 +21,7 @@ def _setup(k: int = 1, stride: int = 32, seq_len: int = 128):
                                         f"data.seq_len={seq_len}"])
   spec = Spec.from_config(cfg.model)
   rng = np.random.default_rng(0)
-  batch = models.family(spec).example_batch(spec, 2, seq_len, rng)
+  batch = models.get_family(spec).example_batch(spec, 2, seq_len, rng)
   batch["neighbours"][:, :, :, -7:] = 0  # documents end early: padding is masked
   params = models.init_params(cfg.model, jax.random.key(1), batch)
   return cfg, spec, params, batch
