@@ -59,7 +59,8 @@ from models import knnlm
 from models.layers import Spec
 from models.realm import RealmReader
 from data import dataset
-from retrieval import neighbours
+from retrieval import core, datastore
+from retrieval import knn_datastore as knn_lib
 from retrieval import index as index_lib
 from training import checkpoint
 from training.evaluation import check_data, knn_datastore, knn_settings, load_checkpoint
@@ -172,11 +173,11 @@ class ChunkStore:
 
   def __init__(self, config: ml_collections.ConfigDict, prepared: dataset.Prepared):
     self.tokenizer = prepared.tokenizer
-    self.store = neighbours.load_datastore(config, prepared)
-    self.embedder = neighbours.load_embedder(config)
-    self.embeddings_NxE, emb_hash = neighbours.chunk_embeddings(
+    self.store = datastore.load_datastore(config, prepared)
+    self.embedder = datastore.load_embedder(config)
+    self.embeddings_NxE, emb_hash = datastore.chunk_embeddings(
         config, self.store.split, self.tokenizer, self.embedder)
-    self.index, _ = neighbours.datastore_index(config, self.embeddings_NxE, emb_hash)
+    self.index, _ = datastore.datastore_index(config, self.embeddings_NxE, emb_hash)
     split = self.store.split
     self.m = split.chunk_size
     self.chunk_doc_N = np.asarray(split.chunk_doc())
@@ -191,7 +192,7 @@ class ChunkStore:
   def windows(self, ids_BxK: np.ndarray, length: int) -> np.ndarray:
     """int32 [B, K, length]: the tokens from each chunk's start (0 past its document)."""
     split = self.store.split
-    return neighbours.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length)
+    return core.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length)
 
   def neighbour(self, chunk: int, distance: float, tokens: np.ndarray,
                 weight: float | None = None) -> Neighbour:
@@ -310,9 +311,9 @@ def _transformer(config: ml_collections.ConfigDict, params: Any, batch: _Batch,
 
 class _KnnEntries:
   """Where kNN-LM datastore entries come from: entry e is the e-th non-padding target of
-  the split's sequences, in order (as `neighbours.build_knn_datastore` stores them)."""
+  the split's sequences, in order (as `knn_datastore.build_knn_datastore` stores them)."""
 
-  def __init__(self, store: neighbours.KnnDatastore, split: dataset.TokenSplit,
+  def __init__(self, store: knn_lib.KnnDatastore, split: dataset.TokenSplit,
                tokenizer: Any):
     self.split, self.tokenizer = split, tokenizer
     targets = np.asarray(split.tokens[1:split.num_sequences * split.seq_len + 1])
@@ -333,7 +334,7 @@ class _KnnEntries:
                      text=self.tokenizer.decode(context.tolist()), weight=weight)
 
 
-def _knn_search(store: neighbours.KnnDatastore, q_BxD: np.ndarray, k: int, exact: bool
+def _knn_search(store: knn_lib.KnnDatastore, q_BxD: np.ndarray, k: int, exact: bool
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """`KnnDatastore.search` plus the entry ids: (dists [B, k], tokens [B, k], ids [B, k])."""
   dists_BxK, ids_BxK = index_lib.search(store.index, np.ascontiguousarray(q_BxD, np.float32), k)
@@ -364,7 +365,7 @@ def _knn_mix(logits_BxV: jax.Array, dists_BxK: jax.Array, tokens_BxK: jax.Array,
 
 
 def _knnlm(config: ml_collections.ConfigDict, params: Any, batch: _Batch, sampler: Sampler,
-           keys_B: jax.Array, settings: Mapping[str, Any], store: neighbours.KnnDatastore,
+           keys_B: jax.Array, settings: Mapping[str, Any], store: knn_lib.KnnDatastore,
            entries: _KnnEntries) -> dict[int, dict[int, list[Neighbour]]]:
   """kNN-LM sampling; returns row -> position of a generated token -> supporting entries."""
   B, T = batch.tokens_BxT.shape

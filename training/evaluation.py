@@ -24,7 +24,7 @@ from common.artifacts import atomic_write_text, fingerprint
 from common.errors import UserError
 from models import knnlm
 from data import dataset
-from retrieval import build, neighbours
+from retrieval import build, core, knn_datastore as knn_lib
 from training import checkpoint, loop, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -156,9 +156,10 @@ def _first_k_candidates(artifacts: build.Artifacts, k: int) -> build.Artifacts:
                     f"rebuild with --config.retrieval.num_neighbours={k}")
   arrays = {split: {n: a[:, :k] for n, a in per.items()}
             for split, per in artifacts.retrieved.arrays.items()}
-  retrieved = neighbours.Retrieved(kind=artifacts.retrieved.kind, arrays=arrays,
-                                   directory=artifacts.retrieved.directory,
-                                   manifest=artifacts.retrieved.manifest)
+  retrieved = core.Retrieved(kind=artifacts.retrieved.kind, arrays=arrays,
+                             directory=artifacts.retrieved.directory,
+                             manifest=artifacts.retrieved.manifest,
+                             batch_keys=artifacts.retrieved.batch_keys)
   return build.Artifacts(prepared=artifacts.prepared, datastore=artifacts.datastore,
                          retrieved=retrieved, hashes=artifacts.hashes)
 
@@ -170,7 +171,7 @@ def params_hash(params: Any) -> str:
 
 
 def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: dataset.Prepared,
-                  step: int | None) -> tuple[neighbours.KnnDatastore, Callable[..., Any]]:
+                  step: int | None) -> tuple[knn_lib.KnnDatastore, Callable[..., Any]]:
   """The kNN-LM datastore of the training split under `params` (built once per checkpoint:
   `step` and a hash of the params key the cache), and the jitted
   `apply(params, inputs) -> (logits, keys)` that made its keys."""
@@ -178,7 +179,7 @@ def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: data
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
   model_hash = f"step{step}-{params_hash(params)}" if step is not None else \
       f"params-{params_hash(params)}"
-  store = neighbours.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
+  store = knn_lib.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
   return store, apply
 
 
