@@ -43,13 +43,13 @@ from common import cli  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from models import knnlm  # noqa: E402
 from data import dataset  # noqa: E402
-from retrieval import neighbours  # noqa: E402
+from retrieval import knn_datastore  # noqa: E402
 from retrieval import index as index_lib  # noqa: E402
 from training import checkpoint, evaluation  # noqa: E402
 
 
 def synthetic_datastore(directory: Path, entries: int, dim: int, vocab_size: int,
-                        config) -> neighbours.KnnDatastore:
+                        config) -> knn_datastore.KnnDatastore:
   """A datastore of `entries` random float16 keys (clustered, like LM states) and tokens."""
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(1024, dim)).astype(np.float32)
@@ -64,7 +64,7 @@ def synthetic_datastore(directory: Path, entries: int, dim: int, vocab_size: int
           else r.index)
   index = index_lib.build_index(keys, "l2", spec, nprobe=r.nprobe, ef_search=r.ef_search)
   index_lib.save_index(index, directory / "index.faiss")
-  return neighbours.KnnDatastore(directory, {"index_spec": spec}, r.nprobe, r.ef_search)
+  return knn_datastore.KnnDatastore(directory, {"index_spec": spec}, r.nprobe, r.ef_search)
 
 
 def _timed(run_batch: Callable[[int], Any], batches: int, bar: tqdm) -> float:

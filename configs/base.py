@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from retrieval import index as index_lib
+
 CHUNK_SIZE = 64
 
 
@@ -71,8 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.index = "auto"  # auto | a FAISS factory string such as "IVF1024,PQ48" or "HNSW32"
   r.metric = "ip"  # ip | l2
   r.memory_budget_gb = 4.0
-  r.nprobe = 16
-  r.ef_search = 64
+  r.nprobe = index_lib.NPROBE
+  r.ef_search = index_lib.EF_SEARCH
   r.overfetch = 64  # fetch K * overfetch, then drop same-document hits (plays are self-similar)
   r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
   # Drop datastore documents named like a validation document (the last part of the doc

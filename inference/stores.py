@@ -14,8 +14,9 @@ import configs
 from common.errors import UserError
 from data import dataset
 from inference.sampling import Neighbour
+from retrieval import core, datastore
 from retrieval import index as index_lib
-from retrieval import neighbours
+from retrieval import knn_datastore as knn_lib
 
 KNN_CONTEXT = 16  # kNN-LM: tokens of context shown before a cited entry's next token
 
@@ -26,11 +27,11 @@ class ChunkStore:
 
   def __init__(self, config: ml_collections.ConfigDict, prepared: dataset.Prepared):
     self.tokenizer = prepared.tokenizer
-    self.store = neighbours.load_datastore(config, prepared)
-    self.embedder = neighbours.load_embedder(config)
-    self.embeddings_NxE, emb_hash = neighbours.chunk_embeddings(
+    self.store = datastore.load_datastore(config, prepared)
+    self.embedder = datastore.load_embedder(config)
+    self.embeddings_NxE, emb_hash = datastore.chunk_embeddings(
         config, self.store.split, self.tokenizer, self.embedder)
-    self.index, _ = neighbours.datastore_index(config, self.embeddings_NxE, emb_hash)
+    self.index, _ = datastore.datastore_index(config, self.embeddings_NxE, emb_hash)
     split = self.store.split
     self.m = split.chunk_size
     self.chunk_doc_N = np.asarray(split.chunk_doc())
@@ -45,7 +46,7 @@ class ChunkStore:
   def windows(self, ids_BxK: np.ndarray, length: int) -> np.ndarray:
     """int32 [B, K, length]: the tokens from each chunk's start (0 past its document)."""
     split = self.store.split
-    return neighbours.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length)
+    return core.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length)
 
   def neighbour(self, chunk: int, distance: float, tokens: np.ndarray,
                 weight: float | None = None) -> Neighbour:
@@ -85,7 +86,7 @@ class KnnStore:
   from (entry e is the e-th non-padding target of the split's sequences, in order, as
   `build_knn_datastore` stores them)."""
 
-  def __init__(self, store: neighbours.KnnDatastore, split: dataset.TokenSplit,
+  def __init__(self, store: knn_lib.KnnDatastore, split: dataset.TokenSplit,
                tokenizer: Any):
     self.store, self.split, self.tokenizer = store, split, tokenizer
     targets = np.asarray(split.tokens[1:split.num_sequences * split.seq_len + 1])

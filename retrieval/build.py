@@ -1,11 +1,18 @@
-"""Builds every retrieval artifact a config needs.
+"""Builds every retrieval artifact a config needs: what the model family requests.
 
     python -m retrieval.build --config retro_small [--config.retrieval.datastore=shakespeare_folio]
 
-RETRO (`model.name == "retro"`): neighbours of every training and validation chunk; REALM:
-candidates of every sequence; kNN-LM: its datastore holds a trained LM's keys, so it is
-built from a checkpoint by eval.py/train.py (`neighbours.knn_datastore`) and this only
-prepares the data. train.py calls `build_all`, which reuses whatever is already cached.
+    artifacts = build_all(config)        # the family's request (retrieval_request), cached
+    retrieved = build_retrieval(config, prepared, request)   # an explicit RetrievalSpec
+
+The model family (`models.family.get(config.model.name).retrieval(spec)`) says what it
+reads from the datastore: a `models.family.RetrievalSpec` or None. Its `kind` picks the
+builder: "neighbours" (neighbours.py: RETRO, In-Context RALM) or "candidates"
+(candidates.py: REALM). A builder embeds the datastore chunks (datastore.py; reused as the
+queries of the split it was made from) and each split's queries, builds the index, then
+searches and materialises per split into `cache_root/<artifact kind>/<fingerprint>/`
+(resumable: shards.py). A kNN-LM datastore holds a trained LM's keys, so eval.py/train.py
+build it from a checkpoint (knn_datastore.py); this only prepares the data for it.
 """
 
 from __future__ import annotations
@@ -13,17 +20,37 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
 
+from common import artifacts as artifacts_lib
 from common import cli
-from common.errors import cli_main
+from common.errors import UserError, cli_main
 from data import dataset
-from retrieval import neighbours
+from models import family as family_lib
+from models import layers
+from retrieval import candidates, core, datastore, neighbours
 
-KINDS = {"retro": neighbours.RETRO, "realm": neighbours.REALM}
+
+@dataclasses.dataclass(frozen=True)
+class Builder:
+  """One retrieval job: its artifact kind, its ids array, and its steps (see the modules)."""
+  artifact: str  # cache folder and manifest kind
+  ids: str  # the array whose -1 entries count as unfilled
+  check: Callable[..., None]  # (config, request, embedder): UserError on a bad request
+  queries: Callable[..., np.ndarray]  # (config, prepared, split, embedder, request)
+  search: Callable[..., dict[str, np.ndarray]]  # (config, request, dir, split, queries, ...)
+
+
+BUILDERS = {
+    "neighbours": Builder(neighbours.ARTIFACT, neighbours.IDS, neighbours.check,
+                          neighbours.queries, neighbours.search),
+    "candidates": Builder(candidates.ARTIFACT, candidates.IDS, candidates.check,
+                          candidates.queries, candidates.search),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +58,8 @@ class Artifacts:
   """The prepared data plus the retrieval arrays of a config, and the hashes of both."""
 
   prepared: dataset.Prepared
-  datastore: neighbours.Datastore | None  # None: the model retrieves nothing precomputed
-  retrieved: neighbours.Retrieved | None  # RETRO neighbours or REALM candidates
+  datastore: datastore.Datastore | None  # None: the model retrieves nothing precomputed
+  retrieved: core.Retrieved | None  # neighbours or candidates
   hashes: dict[str, str]
 
   def batch(self, split: str, index_B: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -43,17 +70,97 @@ class Artifacts:
     return batch
 
 
-def build_all(config: ml_collections.ConfigDict) -> Artifacts:
-  """Prepares the data and builds (or loads from the cache) the config's retrieval arrays."""
+def retrieval_request(config: ml_collections.ConfigDict) -> family_lib.RetrievalSpec | None:
+  """The model family's `RetrievalSpec` for this config, or None (no retrieval)."""
+  spec = layers.Spec.from_config(config.model)
+  return family_lib.get(config.model.name).retrieval(spec)
+
+
+def build_all(config: ml_collections.ConfigDict, splits: Sequence[str] = dataset.SPLITS
+              ) -> Artifacts:
+  """Prepares the data and builds (or loads from the cache) the family's retrieval arrays
+  for `splits` (training builds both; evaluating a model as another family one)."""
   prepared = dataset.prepare(config)
-  kind = KINDS.get(config.model.name)
-  if kind is None:
+  request = retrieval_request(config)
+  if request is None:
     return Artifacts(prepared=prepared, datastore=None, retrieved=None,
                      hashes=dict(prepared.hashes))
-  store = neighbours.load_datastore(config, prepared)
-  retrieved = neighbours.build_retrieval(config, prepared, kind, store)
-  hashes = {**prepared.hashes, **retrieved.manifest["inputs"], kind: retrieved.directory.name}
+  store = datastore.load_datastore(config, prepared)
+  retrieved = build_retrieval(config, prepared, request, store, splits)
+  hashes = {**prepared.hashes, **retrieved.manifest["inputs"],
+            retrieved.kind: retrieved.directory.name}
   return Artifacts(prepared=prepared, datastore=store, retrieved=retrieved, hashes=hashes)
+
+
+def retrieval_inputs(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                     store: datastore.Datastore, embedder_hash: str, index_hash: str,
+                     request: family_lib.RetrievalSpec,
+                     splits: Sequence[str]) -> dict[str, str]:
+  """Every input hash a neighbours/candidates artifact depends on (its manifest's `inputs`)."""
+  r = config.retrieval
+  return {**prepared.hashes, "datastore": store.hash, "embedder": embedder_hash,
+          "index": index_hash,
+          "params": artifacts_lib.fingerprint({
+              "kind": request.kind, "k": request.k, "length": request.length,
+              "stride": request.stride, "query_len": request.query_len,
+              "overfetch": r.overfetch, "seq_len": config.data.seq_len,
+              "chunk_size": config.model.chunk_size, "splits": sorted(splits)})}
+
+
+def rebuild_hint(config: ml_collections.ConfigDict, directory: Path) -> str:
+  return (f"rebuild with `python -m retrieval.build --config {config.name}` "
+          f"(or delete {directory})")
+
+
+def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                    request: family_lib.RetrievalSpec,
+                    store: datastore.Datastore | None = None,
+                    splits: Sequence[str] = dataset.SPLITS) -> core.Retrieved:
+  """The arrays `request` (a `models.family.RetrievalSpec`) asks for, for `splits`, cached.
+
+  Embeds the datastore chunks and every split's queries, builds the index, then searches
+  and materialises per split with the builder of `request.kind`.
+  """
+  if request.kind not in BUILDERS:
+    raise ValueError(f"request kind must be one of {', '.join(BUILDERS)}, got {request.kind!r}")
+  builder = BUILDERS[request.kind]
+  r = config.retrieval
+  if r.overfetch < 1 or request.k < 1:
+    raise UserError(f"retrieval.overfetch={r.overfetch} and the model's k={request.k} (its "
+                    f"neighbours per query) must be >= 1; set them to e.g. 4 and 2")
+  store = datastore.load_datastore(config, prepared) if store is None else store
+  timings: dict[str, float] = {}
+  embedder = datastore.load_embedder(config)
+  builder.check(config, request, embedder)
+  t0 = time.perf_counter()
+  store_NxE, store_emb_hash = datastore.chunk_embeddings(config, store.split, prepared.tokenizer,
+                                                         embedder)
+  queries = {name: builder.queries(config, prepared, prepared.split(name), embedder, request)
+             for name in splits}
+  t1 = time.perf_counter()
+  index, index_hash = datastore.datastore_index(config, store_NxE, store_emb_hash)
+  timings.update(embed_s=t1 - t0, index_s=time.perf_counter() - t1)
+  inputs = retrieval_inputs(config, prepared, store, embedder.hash, index_hash, request, splits)
+  kind = builder.artifact
+  final = artifacts_lib.cache_root(config.data.cache_dir) / kind / artifacts_lib.fingerprint(
+      inputs)
+  if artifacts_lib.read_manifest(final) is None:
+    print(f"building {kind} {final}", flush=True)
+    with artifacts_lib.building(final) as work:
+      shapes, unfilled = {}, {}
+      for name in splits:
+        arrays = builder.search(config, request, work / name, prepared.split(name),
+                                queries[name], store, store_NxE, index, timings)
+        shapes[name] = {key: list(a.shape) for key, a in arrays.items()}
+        unfilled[name] = float(np.mean(np.asarray(arrays[builder.ids]) < 0))
+      artifacts_lib.write_manifest(
+          work, kind, inputs, datastore=store.spec or "train split",
+          datastore_chunks=int(store.split.num_chunks), shapes=shapes,
+          unfilled_fraction=unfilled, metric=r.metric, request=dataclasses.asdict(request),
+          timings={key: round(v, 3) for key, v in timings.items()})
+  else:
+    print(f"reusing cached {kind} {final}", flush=True)
+  return core.load_retrieved(final, inputs, rebuild_hint(config, final), request.batch_keys)
 
 
 def summary(artifacts: Artifacts) -> str:
@@ -77,16 +184,18 @@ def summary(artifacts: Artifacts) -> str:
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
-  p = cli.parser("Build the retrieval artifacts (RETRO neighbours, REALM candidates) of a config.")
+  p = cli.parser("Build the retrieval artifacts (neighbours, candidates) of a config.")
   _, config = cli.parse(p, argv)
   start = time.perf_counter()
   artifacts = build_all(config)
   print(summary(artifacts))
-  if config.model.name == "knnlm":
-    print("model.name=knnlm: the kNN-LM datastore holds a trained LM's keys; eval.py builds it "
-          "from a checkpoint (train first: python train.py --config " f"{config.name})")
-  elif artifacts.retrieved is None:
-    print(f"model.name={config.model.name}: no retrieval artifacts needed")
+  if artifacts.retrieved is None:
+    if family_lib.get(config.model.name).knn_key:
+      print(f"model.name={config.model.name}: the kNN-LM datastore holds a trained LM's keys; "
+            f"eval.py builds it from a checkpoint (train first: python train.py --config "
+            f"{config.name})")
+    else:
+      print(f"model.name={config.model.name}: no retrieval artifacts needed")
   print(f"done in {time.perf_counter() - start:.1f} s")
 
 

@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -41,6 +40,7 @@ from transformers import AutoTokenizer
 
 from common import artifacts
 from common.errors import UserError
+from retrieval import shards
 
 LENGTH_BUCKET = 16  # pad each batch's length up to a multiple of this many tokens
 _GROUP_BATCHES = 32  # texts are length-sorted within groups of this many batches
@@ -349,43 +349,24 @@ class Embedder:
                            out_dir: str | os.PathLike, shard_size: int = 16384) -> np.ndarray:
     """Resumable `embed_chunks`: float32 [N, dim] memmap of `out_dir/embeddings.npy`.
 
-    Shards go to `<out_dir>.partial/` (each written atomically; a rerun skips those already
-    there); when all are done they are joined, a manifest is written and the directory is
-    committed. A committed `out_dir` with the same inputs is reused without work.
+    The shards are written by the shared writer (`shards.sharded_rows`) into
+    `<out_dir>.partial/` (each atomically; a rerun skips those already there, shards of
+    other inputs are discarded); when all are done they are joined, a manifest is written
+    and the directory is committed. A committed `out_dir` with the same inputs is reused.
     """
     out_dir = Path(out_dir)
-    n = len(chunks_Nx64)
     inputs = {"embedder": self.hash, "chunks": _array_hash(chunks_Nx64),
               "lm_tokenizer": str(getattr(lm_tokenizer, "hash", ""))}
     manifest = artifacts.read_manifest(out_dir) if out_dir.exists() else None
     if manifest is not None and manifest.get("inputs") == inputs:
       return np.load(out_dir / "embeddings.npy", mmap_mode="r")
     work = artifacts.partial_dir(out_dir)
-    job = json.dumps({**inputs, "shard_size": shard_size}, sort_keys=True)
-    job_file = work / "job.json"
-    if not job_file.exists() or job_file.read_text() != job:
-      shutil.rmtree(work)
-      work = artifacts.partial_dir(out_dir)
-      artifacts.atomic_write_text(job_file, job)
-    starts = range(0, n, shard_size)
-    shards = [work / f"shard_{i:05d}.npy" for i in range(len(starts))]
-    done = sum(min(shard_size, n - s) for s, f in zip(starts, shards) if f.exists())
-    with tqdm(total=n, initial=done, unit="chunk", desc="embed chunks") as bar:
-      for s, f in zip(starts, shards):
-        if not f.exists():
-          artifacts.atomic_save_npy(f, self.embed_chunks(chunks_Nx64[s:s + shard_size],
-                                                         lm_tokenizer, bar))
-    tmp = work / ".embeddings.tmp.npy"
-    out_NxE = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
-    for s, f in zip(starts, shards):
-      shard = np.load(f)
-      out_NxE[s:s + len(shard)] = shard
-    out_NxE.flush()
-    del out_NxE
-    os.replace(tmp, work / "embeddings.npy")
-    for f in shards:
-      f.unlink()
-    job_file.unlink()
+    n = len(chunks_Nx64)
+    shards.sharded_rows(
+        work, n, shard_size,
+        lambda s0, s1, bar: {"embeddings": self.embed_chunks(chunks_Nx64[s0:s1], lm_tokenizer,
+                                                              bar)},
+        desc="embed chunks", unit="chunk", job=inputs, compute_advances_bar=True)
     artifacts.write_manifest(work, "embeddings", inputs, shape=[n, self.dim], dtype="float32",
                              embedder=str(self.folder), pooling=list(self.pooling),
                              normalized=self.normalize, max_tokens=self.max_tokens)

@@ -2,7 +2,7 @@
 
     idx = build_index(vectors_NxD, metric="ip")             # spec="auto" -> choose_factory
     dists_QxK, ids_QxK = search(idx, queries_QxD, k=10)
-    save_index(idx, path); idx = load_index(path, nprobe=16, ef_search=64)
+    save_index(idx, path); idx = load_index(path)          # nprobe=NPROBE, ef_search=EF_SEARCH
 
 Distances: with metric "ip" the returned "distance" is the inner product (larger is
 closer); with "l2" it is the squared L2 distance (smaller is closer). Rows are sorted best
@@ -27,6 +27,9 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 FLAT_MAX = 100_000  # exact search up to here: N queries against N vectors stays cheap
 HNSW_MAX = 1_000_000  # beyond this HNSW construction gets too slow on a few cores
 HNSW_M = 32
+# Search defaults, the one place they are set (configs/base.py and every loader use these):
+NPROBE = 16  # IVF lists visited per query
+EF_SEARCH = 64  # HNSW candidate list size per query
 _HNSW_BYTES_PER_LINK = 4 * 2 * 1.25  # level-0 links (2M ids of 4 bytes) + upper levels
 _IVF_ID_BYTES = 8  # each IVF entry stores its int64 id beside the PQ code
 _ADD_BATCH = 65536
@@ -137,7 +140,7 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray) -> None:
 
 
 def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
-                memory_budget_gb: float = 4.0, nprobe: int = 16, ef_search: int = 64,
+                memory_budget_gb: float = 4.0, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
                 train_size: int | None = None, seed: int = 0) -> faiss.Index:
   """A trained, filled FAISS index over `vectors` [N, D] (any float array or memmap).
 
@@ -198,7 +201,8 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
   os.replace(tmp, path)
 
 
-def load_index(path: str | os.PathLike, nprobe: int = 16, ef_search: int = 64) -> faiss.Index:
+def load_index(path: str | os.PathLike, nprobe: int = NPROBE, ef_search: int = EF_SEARCH
+               ) -> faiss.Index:
   """faiss.read_index, with the search parameters set."""
   if not Path(path).is_file():
     raise UserError(f"no FAISS index at {path}; build it first (it is built with the "

@@ -18,8 +18,8 @@ import numpy as np
 from common import cli
 from common.errors import UserError, cli_main
 from data import dataset
+from retrieval import datastore
 from retrieval import index as index_lib
-from retrieval import neighbours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +38,11 @@ def search_text(config: ml_collections.ConfigDict, text: str, k: int,
   if not text.strip():
     raise UserError("the query text is empty; pass some text to search for")
   prepared = dataset.prepare(config) if prepared is None else prepared
-  store = neighbours.load_datastore(config, prepared)
-  embedder = neighbours.load_embedder(config)
-  store_NxE, emb_hash = neighbours.chunk_embeddings(config, store.split, prepared.tokenizer,
-                                                    embedder)
-  index, _ = neighbours.datastore_index(config, store_NxE, emb_hash)
+  store = datastore.load_datastore(config, prepared)
+  embedder = datastore.load_embedder(config)
+  store_NxE, emb_hash = datastore.chunk_embeddings(config, store.split, prepared.tokenizer,
+                                                   embedder)
+  index, _ = datastore.datastore_index(config, store_NxE, emb_hash)
   dists_1xK, ids_1xK = index_lib.search(index, embedder.embed_texts([text]), k)
   chunks_Nxm = store.split.chunk_tokens()
   chunk_doc_N = store.split.chunk_doc()

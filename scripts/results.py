@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import configs  # noqa: E402
 from common.errors import cli_main  # noqa: E402
 from data import dataset  # noqa: E402
-from retrieval import coverage, neighbours  # noqa: E402
+from retrieval import build, coverage  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from training.loop import train_and_evaluate  # noqa: E402
 
@@ -116,7 +116,7 @@ def neighbour_coverage() -> dict[str, dict[str, float]]:
   for label, (name, overrides) in DATASTORES.items():
     config = configs.load(name, overrides)
     prepared = dataset.prepare(config)
-    arrays = neighbours.retro_neighbours(config, prepared).arrays
+    arrays = build.build_retrieval(config, prepared, build.retrieval_request(config)).arrays
     row = {}
     for split in dataset.SPLITS:
       part, nbr = prepared.split(split), arrays[split]["neighbours"]

@@ -6,6 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
+from models.family import RetrievalSpec
+
+# The retrieval requests of the tiny RETRO and REALM configs (chunk size 64), written out so the
+# builders can be tested with an explicit request.
+RETRO_REQUEST = RetrievalSpec(kind="neighbours", k=2, length=128, batch_keys=("neighbours",),
+                              stride=64, query_len=64)
+REALM_REQUEST = RetrievalSpec(kind="candidates", k=4, length=64,
+                              batch_keys=("candidates", "candidate_embeddings"))
+
 
 def write_corpus(directory: Path, num_docs: int = 10, words_per_doc: int = 1500,
                  num_words: int = 400, num_phrases: int = 20) -> str:

@@ -182,8 +182,7 @@ def test_embed_chunks_to_file_resumes(minilm, tmp_path):
   with pytest.raises(KeyboardInterrupt):
     minilm.embed_chunks_to_file(chunks, FailingTokenizer(words, fail_at=9), out, shard_size=4)
   partial = tmp_path / "emb.partial"
-  assert sorted(p.name for p in partial.glob("shard_*.npy")) == ["shard_00000.npy",
-                                                                  "shard_00001.npy"]
+  assert sorted(p.name for p in partial.glob("shards/*.done")) == ["00000.done", "00001.done"]
   lm = WordTokenizer(words)
   got = minilm.embed_chunks_to_file(chunks, lm, out, shard_size=4)
   assert lm.decoded == 2 and not partial.exists()  # only the last shard was embedded

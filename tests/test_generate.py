@@ -22,7 +22,8 @@ from common.errors import UserError
 from models import knnlm
 from models.realm import RealmReader
 from data import dataset
-from retrieval import neighbours
+from retrieval import core, datastore
+from retrieval import knn_datastore
 
 M = 64  # chunk size of the tiny configs
 
@@ -146,7 +147,7 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
   C = T // M
   ids_BxCxK = np.stack([np.concatenate([chunks.search(seq[None, c * M:(c + 1) * M], K)[0]
                                         for c in range(C)]) for seq in seqs])
-  nbr_BxCxKxR = neighbours.chunk_windows(store.tokens, store.token_doc, ids_BxCxK, M, R)
+  nbr_BxCxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxCxK, M, R)
   seqs_BxT = np.stack([np.pad(seq, (0, T - len(seq))) for seq in seqs])  # (causal: harmless)
   logits_BxTxV = jax.jit(model.apply)({"params": params}, seqs_BxT, nbr_BxCxKxR)
   cited_chunks = 0
@@ -166,8 +167,8 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
         doc = chunk_doc[n.chunk]
         assert n.doc_id == store.doc_ids[doc]
         assert n.position == n.chunk * M - np.searchsorted(store.token_doc, doc)
-        window = neighbours.chunk_windows(store.tokens, store.token_doc, np.array([[n.chunk]]),
-                                          M, R)[0, 0]
+        window = core.chunk_windows(store.tokens, store.token_doc, np.array([[n.chunk]]),
+                                    M, R)[0, 0]
         assert n.text == tok.decode(window.tolist())
         span = slice(n.chunk * M, (n.chunk + 1) * M)  # the chunk, cut at its document's end
         own = np.where(store.token_doc[span] == doc, store.tokens[span], 0)
@@ -211,8 +212,8 @@ def test_knnlm_samples_the_interpolated_distribution(tiny):
                     stop_at_eos=False)
   prepared = dataset.prepare(config)
   tok, split = prepared.tokenizer, prepared.train
-  directory, = (Path(config.data.cache_dir) / neighbours.KNN).glob("*")
-  store = neighbours.KnnDatastore.load(directory, {}, "")
+  directory, = (Path(config.data.cache_dir) / knn_datastore.ARTIFACT).glob("*")
+  store = knn_datastore.KnnDatastore.load(directory, {}, "")
   seq = np.array(g.prompt_ids + g.token_ids, np.int32)
   P = len(g.prompt_ids)
   logits_LxV, keys_LxD = jax.jit(functools.partial(
@@ -243,10 +244,10 @@ def test_realm_samples_the_marginal_over_candidates(tiny):
   g, = gen.generate((config, params), [prompt], max_tokens=40, seed=1, realm_k=3,
                     stop_at_eos=False)
   prepared = dataset.prepare(config)
-  store = neighbours.load_datastore(config, prepared).split
+  store = datastore.load_datastore(config, prepared).split
   ids_1xK = np.array([[n.chunk for n in g.citations[0].neighbours]])
   assert ids_1xK.shape == (1, 3)
-  cand_1xKxM = neighbours.chunk_windows(store.tokens, store.token_doc, ids_1xK, M, M)
+  cand_1xKxM = core.chunk_windows(store.tokens, store.token_doc, ids_1xK, M, M)
   emb_1xKxE = np.asarray(gen.chunk_store(config).embeddings_NxE[ids_1xK])  # the index's
   seq = np.array(g.prompt_ids + g.token_ids, np.int32)
   P = len(g.prompt_ids)

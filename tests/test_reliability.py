@@ -33,7 +33,7 @@ import eval as eval_lib
 import train
 from common import artifacts
 from common.errors import UserError
-from retrieval import build, neighbours
+from retrieval import build, core, knn_datastore, neighbours
 from test_embedder import write_tiny_bert
 from training import checkpoint, loop
 from training import metrics as metrics_lib
@@ -74,15 +74,16 @@ async def save_or_die(self, x, directory):
 handler.JsonCheckpointHandler._save_fn = save_or_die
 """
 KILL_MID_BUILD = """
+import retrieval.core as core
 import retrieval.neighbours as neighbours
 neighbours.QUERY_CHUNKS_PER_SHARD = int(os.environ["CHUNKS_PER_SHARD"])
-retrieve, calls = neighbours.retrieve, []
+retrieve, calls = core.retrieve, []
 def retrieve_or_die(*args, **kwargs):
   calls.append(1)
   if len(calls) > int(os.environ["KILL_AFTER_SHARDS"]):
     os.kill(os.getpid(), signal.SIGKILL)
   return retrieve(*args, **kwargs)
-neighbours.retrieve = retrieve_or_die
+core.retrieve = retrieve_or_die
 """
 
 
@@ -258,21 +259,21 @@ def test_killed_neighbour_build_resumes_from_last_shard(retro, tmp_path, monkeyp
   the rerun computes only the rest and equals a build that was never interrupted."""
   cache = tmp_path / "cache"
   shutil.copytree(Path(dict(o.split("=", 1) for o in retro)["data.cache_dir"]), cache,
-                  ignore=shutil.ignore_patterns(neighbours.RETRO))
+                  ignore=shutil.ignore_patterns(neighbours.ARTIFACT))
   overrides = [*retro, f"data.cache_dir={cache}"]
   proc = _driver("retrieval.build", "--config", "tiny_retro", *_cli(overrides),
                  patch=KILL_MID_BUILD, CHUNKS_PER_SHARD="16", KILL_AFTER_SHARDS="3")
   proc.communicate(timeout=300)
   assert proc.returncode == -signal.SIGKILL
-  [partial] = (cache / neighbours.RETRO).iterdir()
+  [partial] = (cache / neighbours.ARTIFACT).iterdir()
   assert partial.name.endswith(".partial")
   final = partial.with_name(partial.name.removesuffix(".partial"))
   assert artifacts.read_manifest(final) is None and artifacts.read_manifest(partial) is None
   assert len(list(partial.glob("*/shards/*.done"))) == 3
 
   monkeypatch.setattr(neighbours, "QUERY_CHUNKS_PER_SHARD", 16)
-  retrieve, calls = neighbours.retrieve, []
-  monkeypatch.setattr(neighbours, "retrieve", lambda *a, **k: calls.append(1) or retrieve(*a, **k))
+  retrieve, calls = core.retrieve, []
+  monkeypatch.setattr(core, "retrieve", lambda *a, **k: calls.append(1) or retrieve(*a, **k))
   resumed = build.build_all(configs.load("tiny_retro", overrides)).retrieved
   monkeypatch.undo()
   splits = resumed.manifest["shapes"]
@@ -418,7 +419,7 @@ def _retro_case(kind: str, key: str) -> Callable:
 def _knn_case(request, tmp_path):
   run = request.getfixturevalue("knn_run")
   cache = Path(json.loads((run / "config.json").read_text())["data"]["cache_dir"])
-  [store] = (cache / neighbours.KNN).iterdir()
+  [store] = (cache / knn_datastore.ARTIFACT).iterdir()
   _tamper(store, "model")
   return ["eval.py", "--workdir", str(run)], run
 
@@ -456,7 +457,7 @@ CASES = {
                      "fewer than one sequence of data.seq_len+1=129; lower --config.data.seq_len"),
     "non_utf8": (_corpus_case({"a.txt": b"caf\xe9 au lait", "b.txt": b"tea"}),
                  "a.txt is not UTF-8 (byte 0xe9 at offset 3)"),
-    "neighbours_other_tokenizer": (_retro_case(neighbours.RETRO, "tokenizer"),
+    "neighbours_other_tokenizer": (_retro_case(neighbours.ARTIFACT, "tokenizer"),
                                    "stale retro_neighbours at"),
     "index_other_embedder": (_retro_case("index", "embeddings"), "stale index at"),
     "knn_datastore_other_checkpoint": (_knn_case, "stale knn_datastore at"),

@@ -18,7 +18,7 @@ import synthetic
 import eval as eval_lib
 import train
 from data import corpora, dataset
-from retrieval import neighbours
+from retrieval import build, datastore
 from training import metrics as metrics_lib
 from training.evaluation import weighted_perplexity
 
@@ -89,12 +89,13 @@ def test_drop_heldout_removes_other_editions_of_validation_documents(corpus_over
     cfg = _config("tiny_retro", corpus_overrides, f"retrieval.datastore={second_edition}",
                   f"retrieval.datastore_drop_heldout={drop}")
     prepared = dataset.prepare(cfg)
-    store = neighbours.load_datastore(cfg, prepared).split
+    store = datastore.load_datastore(cfg, prepared).split
     heldout = {name(i) for i in prepared.validation.doc_ids}
     stored = {name(i) for i in store.doc_ids}
     assert {name(i) for i in prepared.train.doc_ids} <= stored
     assert not heldout & stored if drop else heldout <= stored
-    ids = neighbours.retro_neighbours(cfg, prepared).arrays["validation"]["neighbour_ids"]
+    retrieved = build.build_retrieval(cfg, prepared, synthetic.RETRO_REQUEST)
+    ids = retrieved.arrays["validation"]["neighbour_ids"]
     top1_doc = np.asarray(store.chunk_doc())[np.asarray(ids)[..., 0].ravel()]
     top1_heldout[drop] = np.mean([name(store.doc_ids[d]) in heldout for d in top1_doc])
   assert top1_heldout[False] > 0.5 and top1_heldout[True] == 0.0, top1_heldout

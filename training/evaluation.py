@@ -27,7 +27,7 @@ from common.errors import UserError
 from models import knnlm
 from models.layers import Spec
 from data import dataset
-from retrieval import build, neighbours
+from retrieval import build, core, knn_datastore as knn_lib
 from training import checkpoint, loop, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -109,7 +109,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if model:
     _check_params_fit(config, params, workdir)
   max_batches = config.eval.batches if batches is None else batches
-  artifacts = build.build_all(config, splits=(split,))
+  # A checkpoint evaluated as another family has no training artifact: build only `split`.
+  artifacts = build.build_all(config, splits=(split,) if model else dataset.SPLITS)
   saved = checkpoint.restore_meta(workdir, step)
   check_data(saved, artifacts.prepared.hashes, workdir)
   mesh = sharding.make_mesh()
@@ -180,7 +181,7 @@ def params_hash(params: Any) -> str:
 
 
 def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: dataset.Prepared,
-                  step: int | None) -> tuple[neighbours.KnnDatastore, Callable[..., Any]]:
+                  step: int | None) -> tuple[knn_lib.KnnDatastore, Callable[..., Any]]:
   """The kNN-LM datastore of the training split under `params` (built once per checkpoint:
   `step` and a hash of the params key the cache), and the jitted
   `apply(params, inputs) -> (logits, keys)` that made its keys."""
@@ -188,7 +189,7 @@ def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: data
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
   model_hash = f"step{step}-{params_hash(params)}" if step is not None else \
       f"params-{params_hash(params)}"
-  store = neighbours.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
+  store = knn_lib.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
   return store, apply
 
 

@@ -37,7 +37,7 @@ import models
 from common.artifacts import atomic_write_text
 from common.errors import UserError
 from data import dataset
-from retrieval import build, neighbours
+from retrieval import build, candidates, datastore
 from training import checkpoint, metrics as metrics_lib, sharding
 from training.state import abstract_train_state, create_train_state
 from training.step import make_train_step
@@ -99,8 +99,8 @@ def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artif
   queries = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_query))
   r = config.retrieval
   splits = {"train": artifacts.prepared.train, "validation": artifacts.prepared.validation}
-  stale_NxE = neighbours.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
-  retrieved = neighbours.refresh(
+  stale_NxE = datastore.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
+  retrieved = candidates.refresh(
       lambda t, e: np.asarray(docs(params, t, e)), lambda t: np.asarray(queries(params, t)),
       artifacts.datastore.split, stale_NxE, splits, config.model.num_neighbours,
       overfetch=r.overfetch, metric=r.metric, index_spec=r.index,

@@ -1,0 +1,163 @@
+"""The datastore: what is retrieved from, its chunk embeddings and its FAISS index.
+
+    store = load_datastore(config, prepared)          # the training split or another corpus
+    embedder = load_embedder(config)
+    store_NxE, emb_hash = chunk_embeddings(config, store.split, prepared.tokenizer, embedder)
+    index, index_hash = datastore_index(config, store_NxE, emb_hash)
+
+The datastore is a packed chunk table (a `TokenSplit`): by default the training split, so
+the training queries are exactly the datastore chunks and their embeddings are computed
+once. Another corpus (`retrieval.datastore`) is tokenised with the LM tokenizer and packed
+the same way. Artifacts live in `cache_root/<kind>/<fingerprint of inputs>/` with a
+manifest of input hashes: `datastores` (another corpus, packed), `embeddings` (chunk
+embeddings, resumable: embedder.py) and `index` (FAISS; search settings applied on load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from common import artifacts
+from common.errors import UserError
+from data import corpora
+from data import dataset
+from data import tokenizer as tokenizer_lib
+from retrieval import embedder as embedder_lib
+from retrieval import index as index_lib
+
+_DATASTORE_FORMAT = "packed-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Datastore:
+  """The retrieval corpus: a packed chunk table and the hash of its contents."""
+
+  spec: str  # "" = the training split of data.corpus; else a corpus spec
+  split: dataset.TokenSplit
+  hash: str
+
+
+def split_hash(split: dataset.TokenSplit) -> str:
+  """Hash of a packed split's contents (tokens, token documents, doc ids)."""
+  h = hashlib.sha256()
+  for array in (split.tokens, split.token_doc):
+    h.update(np.ascontiguousarray(array, np.int32).tobytes())
+  h.update(json.dumps(list(split.doc_ids)).encode())
+  return h.hexdigest()[:16]
+
+
+def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                   spec: str | None = None) -> Datastore:
+  """The datastore `spec` (default: config.retrieval.datastore); "" = the training split.
+
+  Another corpus (its first data.max_documents documents if that is set) is tokenised with
+  the LM tokenizer and packed like a TokenSplit (each document followed by EOS), cached in
+  `cache_root/datastores/<hash>/`.
+  """
+  spec = config.retrieval.datastore if spec is None else spec
+  if not spec:
+    return Datastore(spec="", split=prepared.train, hash=split_hash(prepared.train))
+  d = config.data
+  docs = corpora.load_corpus(spec, d.cache_dir, d.max_documents)
+  dropped: list[str] = []
+  if config.retrieval.datastore_drop_heldout:
+    docs, dropped = drop_heldout(docs, prepared.validation.doc_ids)
+    if not docs:
+      raise UserError(f"every document of datastore {spec!r} matches a validation document "
+                      f"by name; set --config.retrieval.datastore_drop_heldout=False or use "
+                      f"another datastore")
+    spec = f"{spec} (without {len(dropped)} held-out)"
+  inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": prepared.tokenizer.hash}
+  final = artifacts.cache_root(d.cache_dir) / "datastores" / artifacts.fingerprint(
+      {**inputs, "format": _DATASTORE_FORMAT})
+  if artifacts.read_manifest(final) is None:
+    with artifacts.building(final) as work:
+      tokens_T, token_doc_T = _pack_documents(docs, prepared.tokenizer, spec)
+      artifacts.atomic_save_npy(work / "datastore.tokens.npy", tokens_T)
+      artifacts.atomic_save_npy(work / "datastore.token_doc.npy", token_doc_T)
+      artifacts.atomic_write_text(work / "datastore.doc_ids.json",
+                                  json.dumps([doc.doc_id for doc in docs]))
+      artifacts.write_manifest(work, "datastore", inputs, spec=spec, documents=len(docs),
+                               tokens=int(tokens_T.shape[0]), dropped_heldout=dropped)
+  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
+  split = dataset.TokenSplit.load(final, "datastore", d.seq_len, config.model.chunk_size)
+  return Datastore(spec=spec, split=split, hash=split_hash(split))
+
+
+def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]
+                 ) -> tuple[list[corpora.Document], list[str]]:
+  """(kept, dropped ids): drops documents whose name (the doc id after its last "/") is the
+  name of a held-out document, e.g. `folio/othello` when `shakespeare/othello` is held out."""
+  names = {doc_id.rsplit("/", 1)[-1] for doc_id in heldout_ids}
+  kept, dropped = [], []
+  for doc in docs:
+    if doc.doc_id.rsplit("/", 1)[-1] in names:
+      dropped.append(doc.doc_id)
+    else:
+      kept.append(doc)
+  return kept, dropped
+
+
+def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokenizer, name: str
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 [T], token_doc int32 [T]): every document's tokens, then EOS."""
+  parts = []
+  for start in tqdm(range(0, len(docs), 64), desc=f"tokenizing datastore {name}", unit="batch"):
+    parts += [np.asarray(ids + [tok.eos_id], np.int32)
+              for ids in tok.encode_batch([doc.text for doc in docs[start:start + 64]])]
+  token_doc_T = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+  return np.concatenate(parts), token_doc_T
+
+
+def load_embedder(config: ml_collections.ConfigDict) -> embedder_lib.Embedder:
+  r = config.retrieval
+  return embedder_lib.Embedder.load(r.embedder, r.embed_max_tokens, r.embed_batch_size)
+
+
+def chunk_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSplit,
+                     tok: tokenizer_lib.Tokenizer, embedder: embedder_lib.Embedder
+                     ) -> tuple[np.ndarray, str]:
+  """(float32 [num_chunks, E] memmap, hash) of a split's chunks, cached and resumable."""
+  key = artifacts.fingerprint({"chunks": split_hash(split), "embedder": embedder.hash,
+                               "lm_tokenizer": tok.hash, "chunk_size": split.chunk_size})
+  out = artifacts.cache_root(config.data.cache_dir) / "embeddings" / key
+  return embedder.embed_chunks_to_file(split.chunk_tokens(), tok, out), key
+
+
+def datastore_embeddings(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                         store: Datastore) -> np.ndarray:
+  """The datastore chunks' embeddings [N, E] under the configured embedder (cached memmap)."""
+  return chunk_embeddings(config, store.split, prepared.tokenizer, load_embedder(config))[0]
+
+
+def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarray,
+                    embeddings_hash: str):
+  """(FAISS index over the datastore embeddings, hash of it and its search settings).
+
+  The index is built once per (embeddings, spec, metric, memory budget) and cached; the
+  search settings (nprobe, ef_search) are applied when it is loaded.
+  """
+  r = config.retrieval
+  spec = {"embeddings": embeddings_hash, "index": r.index, "metric": r.metric,
+          "memory_budget_gb": r.memory_budget_gb}
+  key = artifacts.fingerprint(spec)
+  final = artifacts.cache_root(config.data.cache_dir) / "index" / key
+  if artifacts.read_manifest(final) is None:
+    with artifacts.building(final) as work:
+      index = index_lib.build_index(embeddings_NxE, r.metric, r.index,
+                                    memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
+                                    ef_search=r.ef_search)
+      index_lib.save_index(index, work / "index.faiss")
+      artifacts.write_manifest(work, "index", {"embeddings": embeddings_hash}, hash=key,
+                               spec=spec, ntotal=int(index.ntotal))
+  artifacts.check_manifest(final, {"embeddings": embeddings_hash},
+                           rebuild_hint=f"delete {final} and rerun")
+  return (index_lib.load_index(final / "index.faiss", r.nprobe, r.ef_search),
+          artifacts.fingerprint({"index": key, "nprobe": r.nprobe, "ef_search": r.ef_search}))

@@ -1,0 +1,143 @@
+"""The kNN-LM datastore (Khandelwal et al. 2020): a trained LM's keys -> next tokens.
+
+    knn = knn_datastore(config, prepared, keys_fn, model_hash)     # built once per checkpoint
+    dists_NxK, tokens_NxK = knn.search(keys_NxD, k, exact=True)
+
+The keys are the LM's inputs to its final feed-forward layer at every position of the
+training split with a real target (float16 [N, D], memory-mapped), the values the next
+tokens (int32 [N]); an L2 FAISS index over the keys is saved beside them. Built resumably
+(shards.py) into `cache_root/knn_datastore/<fingerprint>.partial/`, committed with a
+manifest naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from common import artifacts
+from data import dataset
+from retrieval import index as index_lib
+from retrieval import shards
+
+ARTIFACT = "knn_datastore"  # cache kind and manifest kind
+KNN_SEQUENCES_PER_SHARD = 64  # sequences of kNN-LM keys per resumable shard
+
+
+class KnnDatastore:
+  """kNN-LM keys (float16 [N, D], memmap) -> values (next token, int32 [N]), with an L2 index."""
+
+  def __init__(self, directory: Path, manifest: dict, nprobe: int = index_lib.NPROBE,
+               ef_search: int = index_lib.EF_SEARCH):
+    self.directory = directory
+    self.manifest = manifest
+    self.keys = np.load(directory / "keys.npy", mmap_mode="r")
+    self.values = np.load(directory / "values.npy", mmap_mode="r")
+    self.index = index_lib.load_index(directory / "index.faiss", nprobe, ef_search)
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike, expected_inputs: Mapping[str, str], hint: str,
+           nprobe: int = index_lib.NPROBE, ef_search: int = index_lib.EF_SEARCH
+           ) -> KnnDatastore:
+    """Opens a committed datastore whose manifest matches `expected_inputs` (else UserError)."""
+    directory = Path(directory)
+    manifest = artifacts.check_manifest(directory, expected_inputs, hint)
+    return cls(directory, manifest, nprobe, ef_search)
+
+  def search(self, queries_NxD: np.ndarray, k: int, exact: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances float32 [N, k], next tokens int32 [N, k]), nearest first.
+
+    exact=True recomputes the distances from the stored keys (the index may be
+    approximate) and re-sorts. Missing hits have distance +inf and token 0.
+    """
+    q_NxD = np.ascontiguousarray(queries_NxD, np.float32)
+    dists_NxK, ids_NxK = index_lib.search(self.index, q_NxD, k)
+    live_NxK = ids_NxK >= 0
+    safe_NxK = np.where(live_NxK, ids_NxK, 0)
+    if exact:
+      keys_NxKxD = np.asarray(self.keys[safe_NxK.reshape(-1)], np.float32).reshape(
+          *safe_NxK.shape, -1)
+      dists_NxK = ((keys_NxKxD - q_NxD[:, None, :]) ** 2).sum(-1)
+    dists_NxK = np.where(live_NxK, dists_NxK, np.inf).astype(np.float32)
+    tokens_NxK = np.where(live_NxK, np.asarray(self.values[safe_NxK.reshape(-1)]).reshape(
+        safe_NxK.shape), 0).astype(np.int32)
+    if exact:
+      order_NxK = np.argsort(dists_NxK, axis=1, kind="stable")
+      dists_NxK = np.take_along_axis(dists_NxK, order_NxK, axis=1)
+      tokens_NxK = np.take_along_axis(tokens_NxK, order_NxK, axis=1)
+    return dists_NxK, tokens_NxK
+
+
+def build_knn_datastore(keys_fn: Callable[[np.ndarray], np.ndarray], split: dataset.TokenSplit,
+                        directory: str | os.PathLike, inputs: Mapping[str, str], *,
+                        batch_size: int = 8, index_spec: str = "auto",
+                        memory_budget_gb: float = 4.0, nprobe: int = index_lib.NPROBE,
+                        ef_search: int = index_lib.EF_SEARCH) -> KnnDatastore:
+  """Runs `keys_fn` over every sequence of `split` and stores (key, next token) pairs.
+
+  Args:
+    keys_fn: int32 inputs [B, L] -> keys [B, L, D] (the LM's input to its final
+      feed-forward layer); called on batches of exactly `batch_size` rows.
+    split: the sequences to run over; positions with a padding target (0) are skipped.
+    directory: where the datastore goes (resumable build into `<directory>.partial`).
+    inputs: hashes recorded in the manifest: the model checkpoint, the dataset, ...
+  """
+  directory = Path(directory)
+  if artifacts.read_manifest(directory) is not None:
+    return KnnDatastore.load(directory, inputs, f"delete {directory} to rebuild it",
+                             nprobe, ef_search)
+  with artifacts.building(directory) as work:
+
+    def compute(s0: int, s1: int) -> dict[str, np.ndarray]:
+      keys, values = [], []
+      for start in range(s0, s1, batch_size):
+        idx_B = np.arange(start, start + batch_size)
+        idx_B[idx_B >= s1] = -1
+        batch = split.batch(idx_B)
+        keys_BxLxD = np.asarray(keys_fn(batch["inputs"]))
+        live_BxL = batch["weights"] > 0
+        keys.append(keys_BxLxD[live_BxL].astype(np.float16))
+        values.append(batch["targets"][live_BxL].astype(np.int32))
+      return {"keys": np.concatenate(keys), "values": np.concatenate(values)}
+
+    arrays = shards.sharded_rows(work, split.num_sequences, KNN_SEQUENCES_PER_SHARD, compute,
+                          desc=f"kNN-LM keys ({split.name})", unit="tok",
+                          units_per_row=split.seq_len)
+    n, d = arrays["keys"].shape
+    factory = (index_lib.choose_factory(n, d, memory_budget_gb) if index_spec == "auto"
+               else index_spec)
+    index = index_lib.build_index(arrays["keys"], "l2", factory,  # float16 memmap, batched
+                                  memory_budget_gb=memory_budget_gb, nprobe=nprobe,
+                                  ef_search=ef_search)
+    index_lib.save_index(index, work / "index.faiss")
+    artifacts.write_manifest(work, ARTIFACT, inputs, entries=int(arrays["keys"].shape[0]),
+                             key_dim=int(arrays["keys"].shape[1]), keys_dtype="float16",
+                             values_dtype="int32", metric="l2", index_spec=factory,
+                             split=split.name)
+  return KnnDatastore.load(directory, inputs, f"delete {directory} to rebuild it", nprobe,
+                           ef_search)
+
+
+def knn_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                  keys_fn: Callable[[np.ndarray], np.ndarray], model_hash: str,
+                  split: str = "train") -> KnnDatastore:
+  """The kNN-LM datastore of `split` under a trained model, built once per model checkpoint.
+
+  `model_hash` identifies the checkpoint whose `keys_fn` made the keys; it is recorded in
+  the manifest and is part of the cache key.
+  """
+  r = config.retrieval
+  inputs = {**prepared.hashes, "model": model_hash,
+            "params": artifacts.fingerprint({"split": split, "seq_len": config.data.seq_len,
+                                             "index": r.index,
+                                             "memory_budget_gb": r.memory_budget_gb})}
+  directory = artifacts.cache_root(config.data.cache_dir) / ARTIFACT / artifacts.fingerprint(inputs)
+  return build_knn_datastore(keys_fn, prepared.split(split), directory, inputs,
+                             batch_size=config.eval.batch_size, index_spec=r.index,
+                             memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
+                             ef_search=r.ef_search)

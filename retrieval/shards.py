@@ -1,0 +1,105 @@
+"""The shared resumable sharded writer: every retrieval artifact computed row block by row
+block (neighbours, candidates, chunk and query-window embeddings, kNN-LM keys) goes
+through `sharded_rows`.
+
+    arrays = sharded_rows(work / "train", num_rows, rows_per_shard, compute, desc="...")
+
+`compute(start, stop)` returns name -> array of rows [start, stop) (any row count per shard
+on axis 0). Shards are saved atomically under `<directory>/shards/` with a done-marker
+written last, so a rerun after an interruption (even SIGKILL) recomputes only the
+unfinished shards. When all are done they are joined into `<directory>/<name>.npy`,
+`arrays.json` lists them, and the shards are removed; a directory that has `arrays.json`
+for the same job is returned without work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from common import artifacts
+
+LISTING = "arrays.json"  # name -> {shape, dtype} of the joined arrays; written last
+JOB = "job.json"  # what the shards were computed for; another job discards them
+
+
+def sharded_rows(directory: str | os.PathLike, num_rows: int, rows_per_shard: int,
+                 compute: Callable[..., Mapping[str, np.ndarray]], desc: str,
+                 unit: str = "row", units_per_row: int = 1, *,
+                 job: Mapping[str, Any] | None = None,
+                 compute_advances_bar: bool = False) -> dict[str, np.ndarray]:
+  """Computes rows [0, num_rows) shard by shard, resumably, into `directory/<name>.npy`.
+
+  Args:
+    directory: where the shards and then the joined arrays go.
+    num_rows, rows_per_shard: the rows and how many make one resumable shard.
+    compute: (start, stop) -> name -> array with the rows [start, stop) on axis 0; with
+      `compute_advances_bar`, (start, stop, bar) and it advances the tqdm `bar` itself
+      (finer progress than per shard; the bar is set to the shard's end afterwards).
+    desc, unit, units_per_row: the progress bar (units_per_row units per row).
+    job: what else the rows depend on (input hashes); shards or arrays of another job
+      found in `directory` are discarded, not resumed.
+  Returns:
+    The joined arrays, memory-mapped.
+  """
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  listing, job_file, shard_dir = directory / LISTING, directory / JOB, directory / "shards"
+  job_text = json.dumps({"num_rows": num_rows, "rows_per_shard": rows_per_shard,
+                         **(job or {})}, sort_keys=True, default=str)
+  if job_file.exists() and job_file.read_text() != job_text:  # another job's leftovers
+    if listing.exists():
+      for name in json.loads(listing.read_text()):
+        (directory / f"{name}.npy").unlink(missing_ok=True)
+      listing.unlink()
+    shutil.rmtree(shard_dir, ignore_errors=True)
+  if not listing.exists():
+    if shard_dir.exists() and not job_file.exists():  # shards of unknown provenance
+      shutil.rmtree(shard_dir)
+    artifacts.atomic_write_text(job_file, job_text)
+    shard_dir.mkdir(exist_ok=True)
+    starts = range(0, num_rows, rows_per_shard)
+    markers = [shard_dir / f"{i:05d}.done" for i in range(len(starts))]
+    done = sum(min(rows_per_shard, num_rows - s) for s, f in zip(starts, markers) if f.exists())
+    with tqdm(total=num_rows * units_per_row, initial=done * units_per_row, desc=desc,
+              unit=unit, unit_scale=True) as bar:
+      for i, (start, marker) in enumerate(zip(starts, markers)):
+        if marker.exists():
+          continue
+        stop = min(start + rows_per_shard, num_rows)
+        before = bar.n
+        arrays = compute(start, stop, bar) if compute_advances_bar else compute(start, stop)
+        for name, array in arrays.items():
+          artifacts.atomic_save_npy(shard_dir / f"{i:05d}.{name}.npy", array)
+        artifacts.atomic_write_text(marker, json.dumps(sorted(arrays)))
+        bar.update(before + (stop - start) * units_per_row - bar.n)
+    _join(directory, shard_dir, len(starts), json.loads(markers[0].read_text()))
+    shutil.rmtree(shard_dir)
+  return {name: np.load(directory / f"{name}.npy", mmap_mode="r")
+          for name in json.loads(listing.read_text())}
+
+
+def _join(directory: Path, shard_dir: Path, num_shards: int, names: list[str]) -> None:
+  """Concatenates every array's shards along axis 0 (through a memmap), then writes the
+  listing: arrays named there are complete."""
+  shapes = {}
+  for name in names:
+    parts = [np.load(shard_dir / f"{i:05d}.{name}.npy", mmap_mode="r") for i in range(num_shards)]
+    shape = (sum(len(p) for p in parts), *parts[0].shape[1:])
+    tmp = directory / f".{name}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=shape)
+    row = 0
+    for part in parts:
+      out[row:row + len(part)] = part
+      row += len(part)
+    out.flush()
+    del out
+    os.replace(tmp, directory / f"{name}.npy")
+    shapes[name] = {"shape": list(shape), "dtype": str(parts[0].dtype)}
+  artifacts.atomic_write_text(directory / LISTING, json.dumps(shapes, indent=2))
