@@ -184,7 +184,8 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   else:
     print(f"reusing cached dataset {final}", flush=True)
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
-  parts = {name: TokenSplit.load(final, name, d.seq_len, m) for name in SPLITS}
+  parts = {name: TokenSplit.load(final, name, d.seq_len, config.model.chunk_size)
+           for name in SPLITS}
   for part in parts.values():
     if part.num_sequences < 1:
       raise UserError(f"the {part.name} split of corpus {d.corpus!r} has {part.num_tokens} "

@@ -18,6 +18,8 @@ import numpy as np
 from common.errors import UserError
 from models import transformer
 
+CITATIONS = 4  # datastore entries cited per chunk of generated text
+
 
 def knn_log_probs(dists_BxLxK: jax.Array, tokens_BxLxK: jax.Array, vocab_size: int,
                   temperature: float) -> jax.Array:
@@ -99,7 +101,8 @@ def sample(ctx: Any) -> Callable[[int, int, int], list]:
   return lambda b, first, last: top_support(support[b], first, last)
 
 
-def top_support(support: dict[int, list], first: int, last: int, top: int = 4) -> list:
+def top_support(support: dict[int, list], first: int, last: int, top: int = CITATIONS
+                ) -> list:
   """The `top` entries that gave positions first..last the most probability, summed."""
   total: dict[tuple, tuple[float, Any]] = {}
   for pos in range(first, last + 1):

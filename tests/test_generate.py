@@ -16,6 +16,7 @@ import pytest
 
 import configs
 import generate as gen
+from inference import sampling, stores
 import models
 import synthetic
 from common.errors import UserError
@@ -72,8 +73,8 @@ def _extra_inputs(config) -> dict[str, jax.Array]:
   if mc.name == "retro":
     return {"neighbours": jnp.ones((1, L // M, mc.num_neighbours, mc.neighbour_len), jnp.int32)}
   if mc.name == "realm":
-    K = mc.realm.num_candidates
-    return {"candidates": jnp.ones((1, K, mc.realm.doc_len), jnp.int32),
+    K = mc.num_neighbours
+    return {"candidates": jnp.ones((1, K, mc.chunk_size), jnp.int32),
             "candidate_embeddings": jnp.ones((1, K, mc.realm.embedding_dim))}
   return {}
 
@@ -137,7 +138,7 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
                       stop_at_eos=False)
   prepared = dataset.prepare(config)
   tok = prepared.tokenizer
-  chunks = gen.chunk_store(config)
+  chunks = stores.chunk_store(config)
   store = chunks.store.split
   chunk_doc = np.asarray(store.chunk_doc())
   model = models.get_model(config.model)
@@ -195,14 +196,14 @@ def test_sampling_is_deterministic_for_a_seed(tiny):
 def test_sample_filters():
   logp_1xV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jnp.stack([jax.random.key(0)])
-  draw = lambda sampler: {int(gen.sample(logp_1xV, keys, pos, sampler)[0])  # noqa: E731
+  draw = lambda sampler: {int(sampling.sample(logp_1xV, keys, pos, sampler)[0])  # noqa: E731
                           for pos in range(200)}
-  assert draw(gen.Sampler(temperature=0.0)) == {0}
-  assert draw(gen.Sampler(top_k=1)) == {0}
-  assert draw(gen.Sampler(top_k=2)) == {0, 1}
-  assert draw(gen.Sampler(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
-  assert draw(gen.Sampler(top_p=0.5)) == {0}
-  assert draw(gen.Sampler()) == {0, 1, 2, 3}
+  assert draw(sampling.Sampler(temperature=0.0)) == {0}
+  assert draw(sampling.Sampler(top_k=1)) == {0}
+  assert draw(sampling.Sampler(top_k=2)) == {0, 1}
+  assert draw(sampling.Sampler(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
+  assert draw(sampling.Sampler(top_p=0.5)) == {0}
+  assert draw(sampling.Sampler()) == {0, 1, 2, 3}
 
 
 def test_knnlm_samples_the_interpolated_distribution(tiny):
@@ -225,13 +226,13 @@ def test_knnlm_samples_the_interpolated_distribution(tiny):
   np.testing.assert_allclose(g.token_logprobs, want, atol=1e-4, rtol=0)
   assert any(c.neighbours for c in g.citations)
   for c in g.citations:
-    assert len(c.neighbours) <= gen.KNN_CITATIONS
+    assert len(c.neighbours) <= knnlm.CITATIONS
     for n in c.neighbours:  # the entry's next token is one this chunk sampled
       doc = split.doc_ids.index(n.doc_id)
       q = int(np.searchsorted(split.token_doc, doc)) + n.position
       assert split.token_doc[q] == doc and n.chunk == q // M
       assert int(split.tokens[q]) in g.token_ids[c.start:c.end]
-      assert n.text == tok.decode(split.tokens[max(q - gen.KNN_CONTEXT, q - n.position):q + 1]
+      assert n.text == tok.decode(split.tokens[max(q - stores.KNN_CONTEXT, q - n.position):q + 1]
                                   .tolist())
       assert 0 < n.weight <= 0.5 * (c.end - c.start) + 1e-6
 
@@ -241,14 +242,14 @@ def test_realm_samples_the_marginal_over_candidates(tiny):
   from the full forward of the reader over the cited candidates and the null document."""
   config, params = tiny("tiny_realm")
   prompt = "ka lo mi ren tu sa vo el dan " * 8  # longer than the query chunk
-  g, = gen.generate((config, params), [prompt], max_tokens=40, seed=1, realm_k=3,
+  g, = gen.generate((config, params), [prompt], max_tokens=40, seed=1, k=3,
                     stop_at_eos=False)
   prepared = dataset.prepare(config)
   store = datastore.load_datastore(config, prepared).split
   ids_1xK = np.array([[n.chunk for n in g.citations[0].neighbours]])
   assert ids_1xK.shape == (1, 3)
   cand_1xKxM = core.chunk_windows(store.tokens, store.token_doc, ids_1xK, M, M)
-  emb_1xKxE = np.asarray(gen.chunk_store(config).embeddings_NxE[ids_1xK])  # the index's
+  emb_1xKxE = np.asarray(stores.chunk_store(config).embeddings_NxE[ids_1xK])  # the index's
   seq = np.array(g.prompt_ids + g.token_ids, np.int32)
   P = len(g.prompt_ids)
   model = models.get_model(config.model)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import configs
+from common.errors import UserError
 import synthetic
 import eval as eval_lib
 import train
@@ -23,7 +24,7 @@ from training import metrics as metrics_lib
 from training.evaluation import weighted_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["transformer", "retro", "realm", "knnlm"]
+MODELS = ["transformer", "retro", "realm", "knnlm", "incontext"]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +63,20 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition
   result = eval_lib.evaluate(tmp_path, knn=knn)
   assert result["step"] == 50 and result["tokens"] == final["eval/tokens"]
   assert result["perplexity"] == pytest.approx(final["eval/perplexity"], rel=1e-4)
-  if model == "retro":
+  if model in ("retro", "incontext"):
     off = eval_lib.evaluate(tmp_path, retrieval=False)
     assert off["perplexity"] == pytest.approx(final["eval/no_retrieval/perplexity"], rel=1e-4)
+    assert off["perplexity"] != result["perplexity"]
+  if model == "transformer":  # a baseline evaluated as In-Context RALM, no retraining
+    as_ralm = {"model": "incontext", "overrides": ["model.incontext.stride=32"], "write": False}
+    on = eval_lib.evaluate(tmp_path, k=1, **as_ralm)
+    off = eval_lib.evaluate(tmp_path, retrieval=False, **as_ralm)
+    assert (on["model"], on["k"], on["tokens"]) == ("incontext", 1, result["tokens"])
+    assert off["perplexity"] == pytest.approx(result["perplexity"], rel=1e-5)  # the decoder
+    assert np.isfinite(on["perplexity"]) and on["perplexity"] != off["perplexity"]
+    with pytest.raises(UserError, match="do not fit model 'retro'"):
+      eval_lib.evaluate(tmp_path, model="retro", write=False)
+  if model == "retro":
     kept, dropped = (eval_lib.evaluate(tmp_path, datastore=second_edition, drop_heldout=drop,
                                        write=False) for drop in (False, True))
     assert (kept["datastore_drop_heldout"], dropped["datastore_drop_heldout"]) == (False, True)
