@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import configs
 import models
 from common.errors import UserError
+
+
+def _example_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract inputs of one sequence of `data.seq_len` tokens, with the retrieval inputs
+  the model takes (RETRO: neighbours of every chunk; REALM: candidates and embeddings)."""
+  m, L = cfg.model, cfg.data.seq_len
+  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  batch = {"inputs": int32(1, L)}
+  if m.name == "retro":
+    batch["neighbours"] = int32(1, L // m.chunk_size, m.num_neighbours, m.neighbour_len)
+  if m.name == "realm":
+    K = m.realm.num_candidates
+    batch["candidates"] = int32(1, K, m.realm.doc_len)
+    batch["candidate_embeddings"] = jax.ShapeDtypeStruct((1, K, m.realm.embedding_dim),
+                                                         jnp.float32)
+  return batch
 
 
 @pytest.mark.parametrize("name", configs.names())
@@ -17,7 +37,32 @@ def test_config_parses_and_builds_model(name):
   assert cfg.data.seq_len % cfg.model.chunk_size == 0
   assert cfg.model.neighbour_len == 2 * cfg.model.chunk_size
   assert all(1 <= layer <= cfg.model.num_layers for layer in cfg.model.cca_layers)
-  assert models.get_model(cfg.model) is not None
+  # The model initialises and runs on this config's shapes (traced abstractly: Flax builds
+  # a module lazily, so constructing it alone checks nothing; compiling the full-size
+  # configs would take minutes).
+  m, L = cfg.model, cfg.data.seq_len
+  model = models.get_model(m)
+  args = models.model_inputs(m, _example_batch(cfg))
+  params = nn.unbox(jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), *a), args))["params"]
+  out = jax.eval_shape(lambda p, a: model.apply({"params": p}, *a), params, args)
+  if m.name == "realm":
+    retrieval, logits = out
+    assert retrieval.shape == (1, m.realm.num_candidates + 1)
+    assert logits.shape == (1, m.realm.num_candidates + 1, L, m.vocab_size)
+    decoder_params = params["reader"]
+  else:
+    logits, decoder_params = out, params
+    assert logits.shape == (1, L, m.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  assert decoder_params["embed"]["embedding"].shape == (m.vocab_size, m.width)
+  blocks = sorted(k for k in decoder_params if k.startswith("blocks_"))
+  assert len(blocks) == m.num_layers
+  cca = {int(k.split("_")[1]) + 1 for k in blocks if "cross_attn" in decoder_params[k]}
+  assert cca == (set(m.cca_layers) if m.name == "retro" else set())
+  assert ("encoder" in params) == (m.name == "retro")
+  count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  assert count > m.vocab_size * m.width + m.num_layers * m.width * m.mlp_dim
 
 
 def test_bench_small_matches_the_issue():

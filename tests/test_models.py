@@ -62,27 +62,68 @@ def retro():
   return cfg, model, params, forward, inputs_BxL, nbr_BxCxKxR
 
 
+TRAINED_M = 16  # chunk size of the trained-layout model below
+
+
+@pytest.fixture(scope="module")
+def retro_trained_layout():
+  """RETRO with the layout of the trained configs (bench_small, retro_small): 6 decoder
+  layers, CCA in layers 3 and 6, so the encoder reads the decoder states of a middle layer
+  and later layers carry the neighbours' influence on. Tiny widths, m=16, 4 chunks."""
+  m = TRAINED_M
+  cfg = configs.load("tiny_retro", ["model.num_layers=6", "model.cca_layers=(3,6)",
+                                    f"model.chunk_size={m}", f"model.neighbour_len={2 * m}"]).model
+  inputs_BxL = _tokens(20, (1, 4 * m))
+  nbr_BxCxKxR = _tokens(21, (1, 4, 2, 2 * m)).at[..., 2 * m - 5:].set(0)  # padded tails
+  model = Retro(cfg)
+  params = _random_params(model, inputs_BxL, nbr_BxCxKxR)
+  forward = jax.jit(lambda x, n: model.apply({"params": params}, x, n))
+  return cfg, model, params, forward, inputs_BxL, nbr_BxCxKxR
+
+
+LAYOUTS = {"tiny": ("retro", M), "trained": ("retro_trained_layout", TRAINED_M)}
+
+
 def _changed_positions(a_BxLxV: jax.Array, b_BxLxV: jax.Array) -> np.ndarray:
   return np.nonzero(np.abs(np.asarray(a_BxLxV - b_BxLxV)).max(axis=(0, 2)) > 0)[0]
 
 
-def test_retro_causality_by_perturbation(retro):
-  _, _, _, forward, x, nbr = retro
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_retro_causality_by_perturbation(layout, request):
+  """Changing token s changes logits from s on only; changing the neighbours of chunk c
+  leaves every logit before (c+1)m-1 bit-identical and changes position (c+1)m-1. With CCA
+  last (tiny), only chunk c's window (c+1)m-1 .. (c+2)m-2 changes; with CCA in a middle
+  layer (trained) the change also reaches the positions after the window."""
+  fixture, m = LAYOUTS[layout]
+  cfg, _, _, forward, x, nbr = request.getfixturevalue(fixture)
+  L, C = x.shape[1], nbr.shape[1]
   base = forward(x, nbr)
-  for s in (5, 63, 64, 100):
-    changed = _changed_positions(base, forward(x.at[0, s].set(x[0, s] % (V - 1) + 1), nbr))
+  for s in (5, m - 1, m, L - 28, L - 1):
+    new = forward(x.at[0, s].set(x[0, s] % (V - 1) + 1), nbr)
+    changed = _changed_positions(base, new)
     assert changed.min() == s, f"changing token {s} changed logits at {changed.min()}"
-  for c in range(2):
-    new_nbr = nbr.at[:, c].set(_tokens(10 + c, nbr[:, c].shape))
-    changed = _changed_positions(base, forward(x, new_nbr))
-    assert changed.size and changed.min() == (c + 1) * M - 1, (c, changed[:3])
+    np.testing.assert_array_equal(new[:, :s], base[:, :s])
+  for c in range(C):
+    first = (c + 1) * m - 1
+    new = forward(x, nbr.at[:, c].set(_tokens(10 + c, nbr[:, c].shape)))
+    np.testing.assert_array_equal(new[:, :first], base[:, :first], err_msg=f"chunk {c}")
+    changed = _changed_positions(base, new)
+    window = np.arange(first, min(first + m, L))
+    if layout == "tiny":
+      np.testing.assert_array_equal(changed, window, err_msg=f"chunk {c}")
+    else:
+      np.testing.assert_array_equal(changed, np.arange(first, L), err_msg=f"chunk {c}")
 
 
-def test_retro_causality_by_gradients(retro):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_retro_causality_by_gradients(layout, request):
   """d logit_t / d embedding: zero for future tokens, for neighbours of chunk c before
-  (c+1)m-1, and for padded neighbour tokens; non-zero where influence is allowed (with
-  the only CCA layer last, chunk c's neighbours reach just its attending window)."""
-  _, model, params, _, x, nbr = retro
+  (c+1)m-1, and for padded neighbour tokens; non-zero where influence is allowed: with the
+  only CCA layer last (tiny), chunk c's neighbours reach just its attending window; with
+  CCA in layers 3 and 6 (trained), every position from (c+1)m-1 on."""
+  fixture, m = LAYOUTS[layout]
+  _, model, params, _, x, nbr = request.getfixturevalue(fixture)
+  L, C, K, R = x.shape[1], *nbr.shape[1:]
   u_V = jax.random.normal(jax.random.PRNGKey(3), (V,))
 
   def logits_L(dx_BxLxD, dn_BxCxKxRxD):
@@ -97,17 +138,47 @@ def test_retro_causality_by_gradients(retro):
 
   D = params["embed"]["embedding"].shape[1]
   jx, jn = jax.jit(jax.jacrev(logits_L, argnums=(0, 1)))(
-      jnp.zeros((1, 128, D)), jnp.zeros((1, 2, 2, 128, D)))
+      jnp.zeros((1, L, D)), jnp.zeros((1, C, K, R, D)))
   tok_TxS = np.abs(np.asarray(jx)).sum(axis=(1, 3))
   assert np.all(np.triu(tok_TxS, k=1) == 0)
   assert np.all(np.diag(tok_TxS) > 0)
   nbr_TxCxKxR = np.abs(np.asarray(jn)).sum(axis=(1, 5))
   pad_CxKxR = np.asarray(nbr[0] == 0)
+  assert pad_CxKxR.any() and not pad_CxKxR.all(axis=(1, 2)).any()
   assert np.all(nbr_TxCxKxR[:, pad_CxKxR] == 0)
-  for c in range(2):
-    first = (c + 1) * M - 1  # the attending window of chunk c starts here
-    assert np.all(nbr_TxCxKxR[:first, c] == 0)
-    assert np.all(nbr_TxCxKxR[first:first + M, c][:, ~pad_CxKxR[c]].sum(-1) > 0)
+  for c in range(C):
+    first = (c + 1) * m - 1  # the attending window of chunk c starts here
+    reach = first + m if layout == "tiny" else L
+    assert np.all(nbr_TxCxKxR[:first, c] == 0), c
+    # Every position it may reach depends on every real neighbour token of chunk c.
+    assert np.all(nbr_TxCxKxR[first:reach, c][:, ~pad_CxKxR[c]] > 0), c
+    assert np.all(nbr_TxCxKxR[reach:, c] == 0), c
+
+
+def test_retro_cached_decoding_equals_full_forward_trained_layout(retro_trained_layout):
+  """Token-by-token decoding with the cache (`models.init_cache`, decode=True) on the
+  trained layout: the neighbours of chunk c arrive with its last token (c+1)m-1 and are
+  encoded against the cached states of the middle CCA layer; the logits equal the full
+  forward's, across three chunk boundaries and into a partial last chunk. One sequence
+  has a chunk without neighbours and padded neighbour tails."""
+  cfg, _, params, _, _, _ = retro_trained_layout
+  m, B, L = TRAINED_M, 2, 3 * TRAINED_M + 7
+  x_BxL = _tokens(30, (B, L))
+  nbr_BxCxKxR = _tokens(31, (B, L // m, 2, 2 * m))
+  nbr_BxCxKxR = nbr_BxCxKxR.at[0, :, :, 20:].set(0).at[1, 1].set(0)
+  full = jax.jit(models.get_model(cfg).apply)({"params": params}, x_BxL, nbr_BxCxKxR)
+  decoder = models.get_decoder(cfg)
+  cache = models.init_cache(cfg, B, L)
+  step = jax.jit(lambda c, t, n: decoder.apply({"params": params, "cache": c}, t, n,
+                                               decode=True, mutable=["cache"]))
+  out = []
+  for pos in range(L):
+    done = pos % m == m - 1 and pos // m < nbr_BxCxKxR.shape[1]
+    logits, mutated = step(cache, x_BxL[:, pos:pos + 1],
+                           nbr_BxCxKxR[:, pos // m][:, None] if done else None)
+    cache = mutated["cache"]
+    out.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-5, rtol=0)
 
 
 def test_retro_partial_last_chunk(retro):
@@ -188,21 +259,44 @@ def test_transformer_loss_key_dropout_remat():
   assert axes["lm_head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
 
 
+def _prior_minus_posterior(scores_BxZ: np.ndarray, ll_BxZ: np.ndarray) -> np.ndarray:
+  """float64 reference of d(-log p(y|x))/d retrieval_logits_z = p(z|x) - p(z|x,y), with
+  ll_BxZ = log p(y|x,z): the prior softmax(scores) minus the posterior ~ prior * p(y|x,z)."""
+  scores, ll = np.asarray(scores_BxZ, np.float64), np.asarray(ll_BxZ, np.float64)
+  log_prior = scores - scores.max(-1, keepdims=True)
+  log_prior -= np.log(np.exp(log_prior).sum(-1, keepdims=True))
+  log_joint = log_prior + ll
+  log_post = log_joint - log_joint.max(-1, keepdims=True)
+  log_post -= np.log(np.exp(log_post).sum(-1, keepdims=True))
+  return np.exp(log_prior) - np.exp(log_post)
+
+
 def test_realm_marginal_matches_float64_bruteforce():
+  """log p(y|x) = log sum_z p(z|x) p(y|x,z), and its gradient with respect to the retrieval
+  logits is the prior minus the posterior, both against float64 numpy."""
   rng = np.random.default_rng(0)
   B, Z, L = 3, 5, 7
   scores = rng.normal(size=(B, Z)) * 3
-  token_logp = -rng.exponential(size=(B, Z, L)) * 4
+  token_logp = -rng.exponential(size=(B, Z, L)) * 0.5
   weights = (rng.random((B, L)) > 0.3).astype(np.float64)
-  got = marginal_log_likelihood(jnp.asarray(scores, jnp.float32),
-                                jnp.asarray(token_logp, jnp.float32),
-                                jnp.asarray(weights, jnp.float32))
+  args32 = [jnp.asarray(a, jnp.float32) for a in (scores, token_logp, weights)]
+  got, grad_BxZ = jax.jit(jax.value_and_grad(
+      lambda s, *a: -marginal_log_likelihood(s, *a).sum()))(*args32)
+  ll_BxZ = (token_logp * weights[:, None]).sum(-1)
   pz = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
-  py_z = np.exp((token_logp * weights[:, None]).sum(-1))
-  np.testing.assert_allclose(got, np.log((pz * py_z).sum(-1)), rtol=1e-5)
+  want = -np.log((pz * np.exp(ll_BxZ)).sum(-1)).sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  want_grad = _prior_minus_posterior(scores, ll_BxZ)
+  # The posterior differs from the prior (else the check would be the trivial zero).
+  assert np.abs(want_grad).max() > 0.05, want_grad
+  np.testing.assert_allclose(grad_BxZ, want_grad, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(grad_BxZ).sum(-1), 0.0, atol=1e-6)
 
 
 def _realm_setup(doc_encoder: str):
+  """Tiny REALM, random params, a batch, and value_and_grad of the loss with respect to
+  (params, an offset added to the retrieval logits): the offset's gradient (at zero) is
+  d loss / d retrieval_logits."""
   cfg = configs.load("tiny_realm", [f"model.realm.doc_encoder='{doc_encoder}'"]).model
   B, K, L = 2, 3, 96
   batch = _lm_batch(0, B, L)
@@ -212,7 +306,20 @@ def _realm_setup(doc_encoder: str):
   params = _random_params(model, batch["inputs"], batch["candidates"],
                           batch["candidate_embeddings"])
   params["null_score"] = jnp.float32(0.5)
-  loss_and_grad = jax.value_and_grad(models.make_loss_fn(cfg), has_aux=True)
+  loss_fn = models.make_loss_fn(cfg)
+
+  def loss_with_offset(params, offset_BxZ, batch):
+    def add_offset(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, RealmReader) and context.method_name == "retrieval_logits":
+        return out + offset_BxZ
+      return out
+
+    with nn.intercept_methods(add_offset):
+      return loss_fn(params, batch, None)
+
+  grad_fn = jax.value_and_grad(loss_with_offset, argnums=(0, 1), has_aux=True)
+  loss_and_grad = lambda params, batch: grad_fn(params, jnp.zeros((B, K + 1)), batch)  # noqa: E731
   return cfg, model, params, batch, loss_and_grad
 
 
@@ -220,6 +327,21 @@ def _assert_retriever_gradients(grads: dict, names: list[str]):
   for name in names:
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grads[name]))
     assert norm > 0.0, name
+
+
+def _assert_retrieval_logit_gradient(grad_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch):
+  """d loss / d retrieval_logits = (p(z|x) - p(z|x,y)) / tokens: the gradient REALM's
+  retriever learns from, against float64 numpy on the same forward's outputs."""
+  logits = np.asarray(logits_BxZxLxV, np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  targets = np.asarray(batch["targets"])[:, None, :, None]
+  logp_BxZxL = np.take_along_axis(logp, targets, -1)[..., 0]
+  w_L = (np.arange(logits.shape[2]) >= M - 1).astype(np.float64)  # the query's targets drop
+  want = _prior_minus_posterior(retrieval_BxZ, (logp_BxZxL * w_L).sum(-1))
+  assert np.abs(want).max() > 0.05, want  # not the trivial zero
+  np.testing.assert_allclose(np.asarray(grad_BxZ) * float(aux["tokens"]), want,
+                             atol=1e-4, rtol=0)
 
 
 def test_realm_stale_null_document_and_gradients():
@@ -232,10 +354,10 @@ def test_realm_stale_null_document_and_gradients():
     v = {"params": params}
     return (model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"]),
             Transformer(cfg).apply({"params": params["reader"]}, batch["inputs"]),
-            loss_and_grad(params, batch, None),
+            loss_and_grad(params, batch),
             model.apply(v, batch["inputs"][:, :M], method=RealmReader.embed_query))
 
-  (retrieval_BxZ, logits_BxZxLxV), plain, ((loss, aux), grads), q_BxE = run(params, batch)
+  (retrieval_BxZ, logits_BxZxLxV), plain, ((loss, aux), (grads, g_BxZ)), q_BxE = run(params, batch)
   assert retrieval_BxZ.shape == (B, K + 1) and logits_BxZxLxV.shape == (B, K + 1, L, V)
   # The null scores as the mean candidate plus its learned offset.
   np.testing.assert_allclose(retrieval_BxZ[:, 0], 0.5 + retrieval_BxZ[:, 1:].mean(1), rtol=1e-5)
@@ -249,6 +371,7 @@ def test_realm_stale_null_document_and_gradients():
   np.testing.assert_allclose(aux["nll_sum"], -mll.sum(), rtol=1e-5)
   assert float(aux["tokens"]) == w.sum() and np.isclose(loss, -mll.sum() / w.sum())
   assert 0.0 < float(aux["null_prob"]) < 1.0 and float(aux["retrieval_entropy"]) > 0.0
+  _assert_retrieval_logit_gradient(g_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch)
   _assert_retriever_gradients(grads, ["query_encoder", "candidate_proj", "null_score", "reader"])
   # embed_query is in the index space: q . e reproduces the candidates' scores.
   np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, batch["candidate_embeddings"]),
@@ -267,13 +390,13 @@ def test_realm_trainable_document_encoder_gradients():
     v = {"params": params}
     docs = batch["candidates"].reshape(B * K, M)
     stale = batch["candidate_embeddings"].reshape(B * K, -1)
-    return (loss_and_grad(params, batch, None),
-            model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"],
-                        method=RealmReader.retrieval_logits),
+    return (loss_and_grad(params, batch),
+            model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"]),
             model.apply(v, batch["inputs"][:, :M], method=RealmReader.embed_query),
             model.apply(v, docs, stale, method=RealmReader.embed_documents))
 
-  (_, grads), retrieval_BxZ, q_BxE, d_NxE = run(params, batch)
+  ((_, aux), (grads, g_BxZ)), (retrieval_BxZ, logits_BxZxLxV), q_BxE, d_NxE = run(params, batch)
+  _assert_retrieval_logit_gradient(g_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch)
   _assert_retriever_gradients(grads, ["query_encoder", "doc_encoder", "candidate_proj",
                                       "null_score", "reader"])
   np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, d_NxE.reshape(B, K, -1)),
@@ -364,7 +487,7 @@ def test_retro_learns_to_copy_its_neighbours_continuation():
   cfg = configs.load("tiny_retro", [
       f"train.steps={steps}", "train.warmup_steps=10", "train.learning_rate=0.01",
       f"model.chunk_size={m}", f"model.neighbour_len={2 * m}", "model.num_neighbours=1"])
-  B, L, C = 8, 256, 256 // m
+  B, L, C = 8, 128, 128 // m
   rng = np.random.default_rng(0)
 
   def batch() -> dict[str, np.ndarray]:

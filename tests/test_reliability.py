@@ -2,8 +2,11 @@
 preemption, resumable artifact builds, divergence, a full disk, and one-line errors for bad
 inputs through the command line. README's "What happens when..." table is checked against this file.
 
-Subprocess runs use `DRIVER`: it imports the real entry point, optionally slows each train
-step down (so a signal can land mid-run) or kills itself at a chosen moment, then runs it.
+Subprocess runs use `DRIVER`: it imports the real entry point, optionally sends itself a
+signal when a chosen train step starts (SIGNAL_AT_STEP, drawn from a seeded RNG: a failure
+names the step and reruns the same) or kills itself at another chosen moment, then runs it.
+The bad-input cases run their command lines one after another in one subprocess
+(`BATCH_DRIVER`), each with its own stdout, stderr and exit code.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -45,18 +47,22 @@ TRAIN = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.warmu
          "train.eval_every=1000", "train.log_every=1"]
 ENV = {**os.environ, "TQDM_DISABLE": "1"}  # stderr holds only what the program says
 
+SEED = int(os.environ.get("RELIABILITY_SEED", "0"))  # set it to try other signal steps
+
 DRIVER = """
-import os, runpy, signal, sys, time
+import os, runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started
 import training.loop as loop                               # where SIGINT is ignored
 make_train_step = loop.make_train_step
-def slow_train_step(*args, **kwargs):
-  step_fn = make_train_step(*args, **kwargs)
+def signalling_train_step(*args, **kwargs):
+  step_fn, calls = make_train_step(*args, **kwargs), []
   def run(state, batch):
-    time.sleep(float(os.environ.get("STEP_SECONDS", "0")))
+    calls.append(1)  # this call computes step len(calls) of this process
+    if len(calls) == int(os.environ.get("SIGNAL_AT_STEP", "0")):
+      os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
     return step_fn(state, batch)
   return run
-loop.make_train_step = slow_train_step
+loop.make_train_step = signalling_train_step
 {patch}
 sys.argv = sys.argv[1:]
 if sys.argv[0].endswith(".py"):
@@ -132,25 +138,15 @@ def _driver(*argv: str, patch: str = "", **env: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *argv], cwd=ROOT, env=ENV, capture_output=True,
-                        text=True, timeout=timeout)
-
-
 def _logged_step(workdir: Path) -> int:
   path = workdir / metrics_lib.JSONL
   records = metrics_lib.read_jsonl(path) if path.exists() else []
   return max((r["step"] for r in records), default=0)
 
 
-def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 240) -> int:
-  """Polls metrics.jsonl until `step` is logged (the run is then at step + 1 or later)."""
-  deadline = time.monotonic() + timeout
-  while (logged := _logged_step(workdir)) < step:
-    assert proc.poll() is None, f"run ended before step {step}: {proc.communicate()[1][-3000:]}"
-    assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
-    time.sleep(0.01)
-  return logged
+def _seeded_step(test: str, low: int, high: int) -> int:
+  """A step in [low, high] drawn from SEED and the test's name: the same on every run."""
+  return random.Random(f"{SEED}/{test}").randint(low, high)
 
 
 def _params(workdir: Path) -> list[np.ndarray]:
@@ -183,26 +179,29 @@ def _steps(workdir: Path) -> list[int]:
 
 # --- 1. exact resume after SIGKILL -----------------------------------------------------------
 
-def test_sigkill_at_random_step_resumes_bit_identical(data, straight, tmp_path):
-  """Killed after a random step and rerun: the same losses and bit-identical parameters."""
+def test_sigkill_at_random_step_resumes_bit_identical(data, straight, tmp_path, capsys):
+  """Killed when a seeded random step starts, rerun: the same losses and bit-identical
+  parameters."""
   workdir = tmp_path / "run"
-  kill_after = random.randint(1, STEPS - 3)
-  proc = _driver("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
-                 *_cli([*data, *TRAIN]), STEP_SECONDS="0.1")
-  logged = _wait_for_step(proc, workdir, kill_after)
-  proc.kill()
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL and logged < STEPS
+  kill_at = _seeded_step("sigkill", 2, STEPS - 1)
+  where = f"killed at the start of step {kill_at} (RELIABILITY_SEED={SEED})"
+  argv = ["--config", "tiny_transformer", "--workdir", str(workdir), *_cli([*data, *TRAIN])]
+  proc = _driver("train.py", *argv, SIGNAL="SIGKILL", SIGNAL_AT_STEP=str(kill_at))
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL, (where, err[-3000:])
+  logged = _logged_step(workdir)
+  assert logged < kill_at, where
   assert not (workdir / "final_metrics.json").exists()
 
-  rerun = _run("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
-               *_cli([*data, *TRAIN]))
-  assert rerun.returncode == 0, (kill_after, rerun.stderr[-3000:])
-  resumed = re.search(r"resuming from step (\d+)", rerun.stdout)
+  capsys.readouterr()
+  train.main(argv)  # the same command again
+  resumed = re.search(r"resuming from step (\d+)", capsys.readouterr().out)
   first = int(resumed[1]) if resumed else 0
-  assert first % EVERY == 0 and first <= logged + 1, (logged, rerun.stdout)
+  # The latest checkpoint before the kill, or the one before it if that save was in flight.
+  last = (kill_at - 1) // EVERY * EVERY
+  assert first in (last, max(last - EVERY, 0)), (where, first)
   _assert_same_params(workdir, straight)
-  assert _losses(workdir) == _losses(straight), f"killed after step {kill_after}"
+  assert _losses(workdir) == _losses(straight), where
 
 
 def test_sigkill_during_checkpoint_save(data, straight, tmp_path, capsys):
@@ -229,27 +228,30 @@ def test_sigkill_during_checkpoint_save(data, straight, tmp_path, capsys):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_the_current_step_and_exits_0(sig, data, straight, tmp_path, capsys):
+  """The signal arrives when a seeded random step starts: that step finishes, is saved,
+  and the rerun resumes from it to the uninterrupted run's parameters and losses."""
   workdir = tmp_path / "run"
+  at = _seeded_step(sig.name, 1, STEPS - 2)
+  where = f"{sig.name} at the start of step {at} (RELIABILITY_SEED={SEED})"
   proc = _driver("train.py", "--config", "tiny_transformer", "--workdir", str(workdir),
-                 *_cli([*data, *TRAIN]), STEP_SECONDS="0.1")
-  _wait_for_step(proc, workdir, random.randint(1, STEPS - 4))
-  proc.send_signal(sig)
-  out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
+                 *_cli([*data, *TRAIN]), SIGNAL=sig.name, SIGNAL_AT_STEP=str(at))
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, (where, err[-3000:])
   stopped = re.search(rf"stopped at step (\d+) on {sig.name}: checkpoint saved in (\S+); "
                       rf"rerun the same command to resume", out)
-  assert stopped, out[-2000:]
+  assert stopped, (where, out[-2000:])
   step = int(stopped[1])
-  assert step < STEPS and Path(stopped[2]) == checkpoint.checkpoint_dir(workdir) / str(step)
+  assert step == at, where  # the step in flight finishes; no further step starts
+  assert Path(stopped[2]) == checkpoint.checkpoint_dir(workdir) / str(step)
   assert _steps(workdir)[-1] == step  # saved at the step it stopped at, not the last interval
   assert "Traceback" not in err
 
   handlers = _handlers()
   train.train_and_evaluate(configs.load("tiny_transformer", [*data, *TRAIN]), str(workdir))
   assert _handlers() == handlers  # the loop's own handlers are gone again
-  assert f"resuming from step {step}" in capsys.readouterr().out
+  assert f"resuming from step {step}" in capsys.readouterr().out, where
   _assert_same_params(workdir, straight)
-  assert _losses(workdir) == _losses(straight)
+  assert _losses(workdir) == _losses(straight), where
 
 
 # --- 3. atomic, resumable artifacts -----------------------------------------------------------
@@ -484,17 +486,76 @@ def _snapshot(directory: Path | None) -> dict[str, tuple[int, int]] | None:
           for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+BATCH_DRIVER = """
+import json, os, runpy, sys, traceback
+jobs, codes, results = sys.argv[1], sys.argv[2], {}
+for case, argv, out, err in json.load(open(jobs)):
+  for module in list(sys.modules.values()):  # each case shows its warnings, as alone
+    getattr(module, "__warningregistry__", {}).clear()
+  saved = os.dup(1), os.dup(2)
+  with open(out, "wb") as o, open(err, "wb") as e:
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(o.fileno(), 1); os.dup2(e.fileno(), 2)
+    sys.argv = list(argv)
+    try:
+      if argv[0].endswith(".py"):
+        runpy.run_path(argv[0], run_name="__main__")
+      else:
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+      code = 0
+    except SystemExit as exit:
+      code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+  results[case] = code
+json.dump(results, open(codes, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(request, tmp_path_factory) -> dict[str, dict]:
+  """case -> its exit code, stderr, and the directories to check, for the selected cases.
+
+  Every command line runs in one subprocess, one after another: a case needs its own
+  process only for the exit, and importing JAX and the libraries in 15 processes cost a
+  minute. Each case still gets its own stdout, stderr (file descriptors 1 and 2), exit
+  code and a fresh `__main__`."""
+  selected = [item.callspec.params["case"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
+  root = tmp_path_factory.mktemp("bad_inputs")
+  jobs, cases = [], {}
+  for case in dict.fromkeys(selected):
+    tmp_path = root / case
+    tmp_path.mkdir()
+    argv, kept = CASES[case][0](request, tmp_path)
+    cases[case] = {"tmp_path": tmp_path, "kept": kept, "before": _snapshot(kept)}
+    jobs.append([case, argv, str(tmp_path / "stdout"), str(tmp_path / "stderr")])
+  (root / "jobs.json").write_text(json.dumps(jobs))
+  proc = subprocess.run([sys.executable, "-c", BATCH_DRIVER, str(root / "jobs.json"),
+                         str(root / "codes.json")], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  codes = json.loads((root / "codes.json").read_text())
+  for case, info in cases.items():
+    info["code"] = codes[case]
+    info["stderr"] = (info["tmp_path"] / "stderr").read_text()
+    info["after"] = _snapshot(info["kept"])
+  return cases
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2(case, request, tmp_path):
-  setup, words = CASES[case]
-  argv, kept = setup(request, tmp_path)
-  before = _snapshot(kept)
-  proc = _run(*argv)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
-  assert _snapshot(kept) == before  # nothing written, moved or deleted
+def test_bad_input_is_one_line_exit_2(case, bad_inputs):
+  _, words = CASES[case]
+  got = bad_inputs[case]
+  stderr, tmp_path, kept = got["stderr"], got["tmp_path"], got["kept"]
+  assert got["code"] == 2, stderr[-3000:]
+  assert "Traceback" not in stderr
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], stderr
+  assert got["after"] == got["before"]  # nothing written, moved or deleted
   if kept != tmp_path / "run":
     assert not (tmp_path / "run").exists()  # a failed start leaves no workdir behind
 

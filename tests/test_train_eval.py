@@ -157,15 +157,5 @@ def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
   assert np.isfinite(refreshed["perplexity"])
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["train.py", "--config", "retro_smal"], "unknown config 'retro_smal'"),
-    (["train.py", "--config", "tiny_retro", "--config.train.stepz=1"], "no field 'train.stepz'"),
-    (["eval.py", "--workdir", "{tmp}"], "no checkpoints in"),
-])
-def test_cli_bad_input_is_one_line_exit_2(argv, words, tmp_path):
-  argv = [a.format(tmp=tmp_path) for a in argv]
-  proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert words in proc.stderr and "Traceback" not in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+# The command-line bad-input cases (unknown config, missing field, eval.py on an empty
+# workdir, ...) are test_reliability.py::test_bad_input_is_one_line_exit_2.
