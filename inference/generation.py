@@ -107,7 +107,7 @@ def _load(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any], ste
   if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
                     f"--workdir {workdir}")
-  config, params = load_checkpoint(workdir, step)
+  config, params = checkpoint.load_checkpoint(workdir, step)
   return config, params, checkpoint.restore_meta(workdir, step)
 
 

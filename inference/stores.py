@@ -69,18 +69,6 @@ def chunk_store(config: ml_collections.ConfigDict) -> ChunkStore:
   return _chunk_store(config.to_json())
 
 
-@functools.lru_cache(maxsize=2)
-def _chunk_store(config_json: str) -> ChunkStore:
-  config = configs.from_json(config_json)
-  return ChunkStore(config, dataset.prepare(config))
-
-
-def chunk_store(config: ml_collections.ConfigDict) -> ChunkStore:
-  """The config's `ChunkStore`, kept for the next call (loading the embedder and compiling
-  its forward pass take seconds)."""
-  return _chunk_store(config.to_json())
-
-
 class KnnStore:
   """The kNN-LM datastore for sampling: search with entry ids, and where each entry comes
   from (entry e is the e-th non-padding target of the split's sequences, in order, as

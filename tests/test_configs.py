@@ -11,29 +11,23 @@ import pytest
 import configs
 import models
 from common.errors import UserError
+from models.layers import Spec
 
 
 def _example_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
   """Abstract inputs of one sequence of `data.seq_len` tokens, with the retrieval inputs
-  the model takes (RETRO: neighbours of every chunk; REALM: candidates and embeddings)."""
-  m, L = cfg.model, cfg.data.seq_len
-  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  batch = {"inputs": int32(1, L)}
-  if m.name == "retro":
-    batch["neighbours"] = int32(1, L // m.chunk_size, m.num_neighbours, m.neighbour_len)
-  if m.name == "realm":
-    K = m.realm.num_candidates
-    batch["candidates"] = int32(1, K, m.realm.doc_len)
-    batch["candidate_embeddings"] = jax.ShapeDtypeStruct((1, K, m.realm.embedding_dim),
-                                                         jnp.float32)
-  return batch
+  the family reads (RETRO: neighbours of every chunk; REALM: candidates and embeddings)."""
+  spec = Spec.from_config(cfg.model)
+  batch = models.get_family(spec).example_batch(spec, 1, cfg.data.seq_len,
+                                                np.random.default_rng(0))
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("name", configs.names())
 def test_config_parses_and_builds_model(name):
   cfg = configs.load(name)
   assert cfg.name == name
-  assert cfg.model.name in {"transformer", "retro", "realm", "knnlm"}
+  assert cfg.model.name in {"transformer", "retro", "realm", "knnlm", "incontext"}
   assert cfg.data.seq_len % cfg.model.chunk_size == 0
   assert cfg.model.neighbour_len == 2 * cfg.model.chunk_size
   assert all(1 <= layer <= cfg.model.num_layers for layer in cfg.model.cca_layers)
@@ -47,8 +41,8 @@ def test_config_parses_and_builds_model(name):
   out = jax.eval_shape(lambda p, a: model.apply({"params": p}, *a), params, args)
   if m.name == "realm":
     retrieval, logits = out
-    assert retrieval.shape == (1, m.realm.num_candidates + 1)
-    assert logits.shape == (1, m.realm.num_candidates + 1, L, m.vocab_size)
+    assert retrieval.shape == (1, m.num_neighbours + 1)
+    assert logits.shape == (1, m.num_neighbours + 1, L, m.vocab_size)
     decoder_params = params["reader"]
   else:
     logits, decoder_params = out, params

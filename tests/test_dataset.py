@@ -156,9 +156,9 @@ def test_interrupted_build_is_not_trusted(tmp_path, monkeypatch, capsys):
     (["data.max_documents=1"], r"has 1 document\(s\); at least 2 are needed"),
 ])
 def test_bad_inputs_raise_user_errors(tmp_path, overrides, expect):
-  cfg = _config(_corpus(tmp_path / "corpus", 3), str(tmp_path / "cache"), *overrides)
-  with pytest.raises(UserError, match=expect) as err:
-    dataset.prepare(cfg)
+  corpus = _corpus(tmp_path / "corpus", 3)
+  with pytest.raises(UserError, match=expect) as err:  # seq_len: already by configs.load
+    dataset.prepare(_config(corpus, str(tmp_path / "cache"), *overrides))
   assert "\n" not in str(err.value)
 
 
