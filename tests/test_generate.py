@@ -21,7 +21,9 @@ import models
 import synthetic
 from common.errors import UserError
 from models import knnlm
+from models.layers import Spec
 from models.realm import RealmReader
+from models.transformer import Transformer
 from data import dataset
 from retrieval import core, datastore
 from retrieval import knn_datastore
@@ -177,6 +179,46 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
         cited_chunks += 1
   assert gens[0].citations[0].neighbours == []  # a short prompt starts without neighbours
   assert cited_chunks >= 3 * K
+
+
+def test_incontext_reads_documents_retrieved_every_stride_tokens(tiny, overrides):
+  """In-Context RALM sampling (K=2, stride 32, queries of 64 tokens): every block reads the
+  documents its last 64 tokens retrieve; the cached log-probs equal the full forward's
+  with those documents; a block's citations are them; without retrieval it is the decoder."""
+  _, params = tiny("tiny_incontext")
+  config = configs.load("tiny_incontext", [*overrides, "model.incontext.stride=32"])
+  S, q = 32, config.model.incontext.query_len
+  K, R = config.model.num_neighbours, config.model.neighbour_len
+  prompts = ["ka lo mi ren", "tu sa vo el dan " * 12]
+  gens = gen.generate((config, params), prompts, max_tokens=100, seed=5, stop_at_eos=False)
+  chunks = stores.chunk_store(config)
+  store = chunks.store.split
+  seqs = [np.array(g.prompt_ids + g.token_ids, np.int32) for g in gens]
+  T = -(-max(len(seq) for seq in seqs) // S) * S
+  ids_BxWxK = np.stack([np.concatenate([chunks.search(seq[None, max(0, (i + 1) * S - q):
+                                                          (i + 1) * S], K)[0]
+                                        for i in range(T // S)]) for seq in seqs])
+  nbr_BxWxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxWxK, M, R)
+  seqs_BxT = np.stack([np.pad(seq, (0, T - len(seq))) for seq in seqs])  # (causal: harmless)
+  model = models.get_model(config.model)
+  logp_BxTxV = np.asarray(jax.jit(model.apply)({"params": params}, seqs_BxT, nbr_BxWxKxR))
+  for g, seq, ids_WxK, logp_TxV in zip(gens, seqs, ids_BxWxK, logp_BxTxV):
+    P = len(g.prompt_ids)
+    want = logp_TxV[np.arange(P - 1, len(seq) - 1), seq[P:]]
+    np.testing.assert_allclose(g.token_logprobs, want, atol=1e-4, rtol=0)
+    for c in g.citations:
+      block = (P + c.start) // S
+      assert [n.chunk for n in c.neighbours] == (list(ids_WxK[block - 1]) if block else [])
+  plain, = gen.generate((config, params), prompts[:1], max_tokens=40, seed=5,
+                        retrieval=False, stop_at_eos=False)
+  decoder = Transformer(Spec.from_config(config.model))
+  seq = np.array(plain.prompt_ids + plain.token_ids, np.int32)
+  logits_TxV = jax.jit(decoder.apply)({"params": params}, seq[None])[0]
+  P = len(plain.prompt_ids)
+  np.testing.assert_allclose(plain.token_logprobs,
+                             _log_softmax(logits_TxV)[np.arange(P - 1, len(seq) - 1), seq[P:]],
+                             atol=1e-5, rtol=0)
+  assert all(c.neighbours == [] for c in plain.citations)
 
 
 def test_sampling_is_deterministic_for_a_seed(tiny):
