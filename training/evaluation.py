@@ -27,7 +27,7 @@ from common.errors import UserError
 from models import knnlm
 from models.layers import Spec
 from data import dataset
-from retrieval import build, core, knn_datastore as knn_lib
+from retrieval import build, knn_datastore as knn_lib
 from training import checkpoint, loop, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
