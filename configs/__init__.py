@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import math
 import pkgutil
 from typing import Sequence
 
@@ -66,19 +67,61 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
   node[leaf] = value
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks the numbers that several sections share (K, chunk size, neighbour length) and
-  the family's own fields; a mismatch is a one-line UserError naming the field."""
-  from models.family import get as get_family
+_POSITIVE = ("data.batch_size", "data.seq_len", "model.vocab_size", "model.chunk_size",
+             "model.neighbour_len", "train.steps", "train.log_every", "train.eval_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size",
+             "eval.knn_k", "retrieval.embed_batch_size", "retrieval.embed_max_tokens",
+             "retrieval.overfetch", "retrieval.nprobe", "retrieval.ef_search")
+_NON_NEGATIVE = ("data.max_documents", "train.warmup_steps", "train.stop_after",
+                 "train.weight_decay", "eval.batches", "retrieval.refresh_every")
+# field -> (test, what it must be): ranges that are not just "positive".
+_RANGES = {
+    "train.learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "train.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "train.b1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.b2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.grad_clip": (math.isfinite, "finite (<= 0 turns clipping off)"),
+    "train.mesh_data": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
+    "train.mesh_fsdp": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
+    "data.val_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "eval.knn_lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "eval.knn_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "retrieval.memory_budget_gb": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "retrieval.metric": (lambda v: v in ("ip", "l2"), "'ip' or 'l2'"),
+}
 
-  m = cfg.model
+
+def _field(cfg: ml_collections.ConfigDict, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks every value before anything is built or run: ranges, the numbers several
+  sections share (K, chunk size, sequence length, warmup) and the family's own fields;
+  each violation is a one-line UserError naming the field (`configs.load` calls it)."""
+  from models.family import get as get_family
+  from models.layers import Spec
+
+  rules = {**{f: (lambda v: v > 0, "> 0") for f in _POSITIVE},
+           **{f: (lambda v: v >= 0, ">= 0") for f in _NON_NEGATIVE}, **_RANGES}
+  for name, (ok, want) in rules.items():
+    value = _field(cfg, name)
+    if not ok(value):
+      raise UserError(f"{name}={value!r} must be {want}; set --config.{name}")
+  m, t = cfg.model, cfg.train
   fam = get_family(m.name)
+  Spec.from_config(m)  # widths, heads, dtype
+  if t.warmup_steps > t.steps:
+    raise UserError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; "
+                    f"lower --config.train.warmup_steps")
   if m.num_neighbours < 1:
     raise UserError(f"model.num_neighbours={m.num_neighbours} must be >= 1 (K: the datastore "
                     "items retrieved per query)")
-  if m.chunk_size <= 0:
-    raise UserError(f"model.chunk_size={m.chunk_size} must be positive")
-  if cfg.data.seq_len <= 0 or cfg.data.seq_len % m.chunk_size:
+  if cfg.data.seq_len % m.chunk_size:
     fixed = max(m.chunk_size, round(cfg.data.seq_len / m.chunk_size) * m.chunk_size)
     raise UserError(f"data.seq_len={cfg.data.seq_len} is not a positive multiple of the chunk "
                     f"size {m.chunk_size}; set --config.data.seq_len={fixed}")

@@ -67,9 +67,9 @@ def test_bench_small_matches_the_issue():
 
 
 def test_overrides_typed():
-  cfg = configs.load("retro_small", ["train.steps=7", "--config.model.dtype=bfloat16",
+  cfg = configs.load("retro_small", ["train.steps=70", "--config.model.dtype=bfloat16",
                                      "train.learning_rate=1", "model.cca_layers=[2,4]"])
-  assert cfg.train.steps == 7 and cfg.model.dtype == "bfloat16"
+  assert cfg.train.steps == 70 and cfg.model.dtype == "bfloat16"
   assert cfg.train.learning_rate == 1.0 and cfg.model.cca_layers == (2, 4)
 
 
@@ -88,3 +88,52 @@ def test_bad_override_is_one_line(override, words):
 def test_unknown_config_lists_names():
   with pytest.raises(UserError, match="retro_small"):
     configs.load("retro_smal")
+
+
+# A bad value of each kind the validator checks, and the words its one-line error must hold.
+BAD_VALUES = [
+    ("data.batch_size=0", "data.batch_size=0 must be > 0"),
+    ("eval.batch_size=-2", "eval.batch_size=-2 must be > 0"),
+    ("data.seq_len=100", "data.seq_len=100 is not a positive multiple of the chunk size 64"),
+    ("model.chunk_size=0", "model.chunk_size=0 must be > 0"),
+    ("train.steps=0", "train.steps=0 must be > 0"),
+    ("train.warmup_steps=100000", "train.warmup_steps=100000 exceeds train.steps"),
+    ("train.learning_rate=0", "train.learning_rate=0.0 must be a finite number > 0"),
+    ("train.learning_rate=float('nan')", "expected float"),
+    ("train.learning_rate=1e400", "train.learning_rate=inf must be a finite number > 0"),
+    ("train.b2=1.0", "train.b2=1.0 must be in [0, 1)"),
+    ("train.min_lr_ratio=2.0", "train.min_lr_ratio=2.0 must be in [0, 1]"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0 must be > 0"),
+    ("train.mesh_data=0", "train.mesh_data=0 must be -1 (all devices) or >= 1"),
+    ("data.val_fraction=1.0", "data.val_fraction=1.0 must be in (0, 1)"),
+    ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+    ("model.num_neighbours=0", "model.num_neighbours=0 must be >= 1"),
+    ("eval.num_neighbours=9", "eval.num_neighbours=9 must be in 0.."),
+    ("eval.knn_lam=1.5", "eval.knn_lam=1.5 must be in [0, 1]"),
+    ("eval.knn_temperature=0.0", "eval.knn_temperature=0.0 must be a finite number > 0"),
+    ("retrieval.metric=cosine", "retrieval.metric='cosine' must be 'ip' or 'l2'"),
+    ("retrieval.overfetch=0", "retrieval.overfetch=0 must be > 0"),
+    ("model.name=gpt", "model.name='gpt' is unknown"),
+    ("model.dtype=int8", "model.dtype='int8' is unsupported"),
+    ("model.head_dim=15", "must be even"),
+]
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_config_rejects_each_bad_value_in_one_line(name):
+  for override, words in BAD_VALUES:
+    with pytest.raises(UserError) as e:
+      configs.load(name, [override])
+    assert words in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
+
+
+@pytest.mark.parametrize("name, override, words", [
+    ("tiny_retro", "model.cca_layers=(5,)", "model.cca_layers=(5,) must be a non-empty subset"),
+    ("tiny_realm", "model.realm.doc_encoder=frozen", "model.realm.doc_encoder='frozen' is unknown"),
+    ("tiny_incontext", "model.incontext.stride=48", "model.incontext.stride=48 must be a "
+                                                    "positive divisor of data.seq_len=128"),
+])
+def test_family_fields_are_validated_at_load(name, override, words):
+  with pytest.raises(UserError) as e:
+    configs.load(name, [override])
+  assert words in str(e.value) and "\n" not in str(e.value)

@@ -109,11 +109,12 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if model:
     _check_params_fit(config, params, workdir)
   max_batches = config.eval.batches if batches is None else batches
+  mesh = sharding.make_mesh()
+  sharding.check_batch_sizes(config, mesh, ("eval.batch_size",))
   # A checkpoint evaluated as another family has no training artifact: build only `split`.
   artifacts = build.build_all(config, splits=(split,) if model else dataset.SPLITS)
   saved = checkpoint.restore_meta(workdir, step)
   check_data(saved, artifacts.prepared.hashes, workdir)
-  mesh = sharding.make_mesh()
   result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"],
                             "model": config.model.name, "split": split}
   drop: tuple[str, ...] = ()

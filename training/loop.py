@@ -201,13 +201,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if saved is not None:
     _check_same_model(saved, config, workdir)  # before any slow artifact build
 
+  mesh = sharding.make_mesh(t)
+  sharding.check_batch_sizes(config, mesh)  # before any slow build, not at the final eval
   start = time.perf_counter()
   artifacts = build.build_all(config)
   timings["artifacts"] = time.perf_counter() - start
   print(build.summary(artifacts), flush=True)
 
   start = time.perf_counter()
-  mesh = sharding.make_mesh(t)
   example = {k: v for k, v in train_batch(config, artifacts, 0).items()
              if k not in HOST_ONLY_KEYS}
   meta = {"config": config.to_json_best_effort(), "hashes": artifacts.hashes,

@@ -145,6 +145,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,
+                      fields: tuple[str, ...] = ("data.batch_size", "eval.batch_size")) -> None:
+  """UserError, before anything is built or run, unless each batch size (a dotted config
+  field) splits over this process's share of the mesh's batch axes (as `shard_batch`)."""
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  per_process = max(ways // jax.process_count(), 1)
+  for field in fields:
+    section, name = field.split(".")
+    value = config[section][name]
+    if value % per_process:
+      raise UserError(f"{field}={value} does not split over the {per_process} data-parallel "
+                      f"devices of this process (train.mesh_data x train.mesh_fsdp); set "
+                      f"--config.{field} to a multiple of {per_process}")
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Places a host batch on the mesh, split along the batch dimension.
 
