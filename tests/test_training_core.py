@@ -279,3 +279,16 @@ def test_metrics_writer_and_loss_plot(tmp_path):
 
 if __name__ == "__main__":
   print(json.dumps(_eight_devices(sys.argv[1])))
+
+
+def test_batch_sizes_are_checked_against_the_mesh_before_anything_runs():
+  """An evaluation batch that does not split over the data-parallel devices is reported when
+  training starts (not at the final evaluation): the check reads only the mesh's shape."""
+  mesh = type("FakeMesh", (), {"shape": {"data": 4, "fsdp": 2}})()
+  ok = configs.load("tiny_retro", ["data.batch_size=16", "eval.batch_size=8"])
+  sharding.check_batch_sizes(ok, mesh)
+  bad = configs.load("tiny_retro", ["data.batch_size=16", "eval.batch_size=6"])
+  with pytest.raises(UserError, match=r"eval.batch_size=6 does not split over the 8 "
+                                      r"data-parallel devices .* multiple of 8"):
+    sharding.check_batch_sizes(bad, mesh)
+  sharding.check_batch_sizes(bad, mesh, ("data.batch_size",))  # training batches alone: fine
