@@ -1,23 +1,28 @@
 """Reliability (issue #8): exact resume after SIGKILL (also mid-save), SIGTERM/SIGINT
-preemption, resumable artifact builds, divergence, a full disk, and one-line errors for bad
-inputs through the command line. README's "What happens when..." table is checked against this file.
+preemption, resumable artifact builds, divergence, a full disk, one-line errors for bad
+inputs through the command line, and one training process per workdir (its lock). README's
+"What happens when..." table is checked against this file.
 
 Subprocess runs use `DRIVER`: it imports the real entry point, optionally sends itself a
 signal when a chosen train step starts (SIGNAL_AT_STEP, drawn from a seeded RNG: a failure
 names the step and reruns the same) or kills itself at another chosen moment, then runs it.
 The bad-input cases run their command lines one after another in one subprocess
-(`BATCH_DRIVER`), each with its own stdout, stderr and exit code.
+(`BATCH_DRIVER`), each with its own stdout, stderr and exit code. The workdir-lock tests
+pause a real `train.py` (`PAUSE_AFTER_SAVE`) and synchronise with it on its stdin/stdout
+pipes, never on wall-clock time.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +43,7 @@ from common.errors import UserError
 from retrieval import build, core, knn_datastore, neighbours
 from test_embedder import write_tiny_bert
 from training import checkpoint, loop
+from training import lock as lock_lib
 from training import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +96,18 @@ def retrieve_or_die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
   return retrieve(*args, **kwargs)
 core.retrieve = retrieve_or_die
+"""
+PAUSE_AFTER_SAVE = """
+import training.checkpoint as checkpoint
+save = checkpoint.Checkpoints.save
+def save_and_pause(self, step, *args, **kwargs):
+  saved = save(self, step, *args, **kwargs)
+  if step == int(os.environ["PAUSE_AFTER_SAVE"]):
+    self.wait_until_finished()  # the step is on disk, renamed into place
+    print("paused", flush=True)
+    sys.stdin.readline()        # until the test writes a line or closes the pipe
+  return saved
+checkpoint.Checkpoints.save = save_and_pause
 """
 
 
@@ -480,10 +498,13 @@ CASES = {
 
 
 def _snapshot(directory: Path | None) -> dict[str, tuple[int, int]] | None:
+  """Size and mtime of every file, but the lock file: each run that takes the lock (such
+  as a train.py that then finds a bad checkpoint) records itself there."""
   if directory is None:
     return None
   return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in sorted(directory.rglob("*")) if p.is_file()}
+          for p in sorted(directory.rglob("*"))
+          if p.is_file() and p != lock_lib.lock_path(directory)}
 
 
 BATCH_DRIVER = """
@@ -560,7 +581,125 @@ def test_bad_input_is_one_line_exit_2(case, bad_inputs):
     assert not (tmp_path / "run").exists()  # a failed start leaves no workdir behind
 
 
-# --- 7. the table in README.md -----------------------------------------------------------------
+# --- 7. two writers on one workdir: the lock -------------------------------------------------
+
+def _contents(workdir: Path) -> dict[str, bytes]:
+  """Every file's bytes, the lock file included, but TensorBoard's event files: the paused
+  holder's TensorBoard thread flushes them on its own clock."""
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*"))
+          if p.is_file() and metrics_lib.TENSORBOARD_DIR not in p.relative_to(workdir).parts}
+
+
+@pytest.fixture(scope="module")
+def paused_run(data, tmp_path_factory):
+  """A real `train.py` holding its workdir's lock, paused once its step-8 checkpoint is on
+  disk (steps 1-8 in metrics.jsonl); yields (workdir, argv, process). The tests below use it
+  in file order: the last one kills it."""
+  root = tmp_path_factory.mktemp("locked")
+  workdir = root / "run"
+  argv = ["--config", "tiny_transformer", "--workdir", str(workdir), *_cli([*data, *TRAIN])]
+  code = DRIVER.format(patch=PAUSE_AFTER_SAVE)
+  with open(root / "stderr", "w") as err:
+    holder = subprocess.Popen([sys.executable, "-c", code, "train.py", *argv], cwd=ROOT,
+                              env={**ENV, "PAUSE_AFTER_SAVE": "8"}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=err, text=True)
+  try:
+    for line in holder.stdout:  # its config and artifact summary, then "paused"
+      if line == "paused\n":
+        break
+    else:
+      pytest.fail(f"train.py exited with {holder.wait()} before pausing: "
+                  f"{(root / 'stderr').read_text()[-3000:]}")
+    yield workdir, argv, holder
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_second_writer_stops_and_changes_nothing(paused_run):
+  """A second train.py on a workdir being trained: one line naming the holder's pid and
+  host, exit code 2, and every file of the workdir byte-identical (no metrics truncation,
+  no checkpoint cleanup, no config.json rewrite, the lock file still naming the holder)."""
+  workdir, argv, holder = paused_run
+  assert holder.poll() is None, "the holder is gone (run the lock tests in file order)"
+  before = _contents(workdir)
+  assert {"config.json", "metrics.jsonl", ".lock", "checkpoints/8/meta/metadata"} <= set(before)
+  second = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert "Traceback" not in second.stderr
+  [line] = second.stderr.strip().splitlines()
+  assert line.startswith(f"error: {workdir} is being trained by another process (pid "
+                         f"{holder.pid} on host {socket.gethostname()}, since "), line
+  assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: python train\.py --config "
+                   r"tiny_transformer --workdir ", line), line
+  assert line.endswith("); wait for it to finish or stop it, or use another --workdir"), line
+  assert _contents(workdir) == before
+  assert holder.poll() is None  # the first run is untouched too
+
+
+def test_lock_readers_work_while_training(paused_run):
+  """Readers never take the lock: they load the latest whole checkpoint while a run trains
+  (orbax lists only steps renamed into place, never a `.orbax-checkpoint-tmp` one)."""
+  workdir, _, holder = paused_run
+  assert holder.poll() is None, "the holder is gone (run the lock tests in file order)"
+  config, params = train.load_checkpoint(workdir)
+  assert config.train.steps == STEPS and jax.tree.leaves(params)
+  result = eval_lib.evaluate(workdir, batches=1, write=False)
+  assert result["step"] == 8 and math.isfinite(result["loss"])
+  assert holder.poll() is None
+
+
+def test_lock_is_released_when_the_holder_is_killed(paused_run, straight, capsys):
+  """SIGKILL the paused holder: no stale lock; the same command resumes from step 8 and
+  ends bit-identical to the uninterrupted run."""
+  workdir, argv, holder = paused_run
+  holder.kill()
+  assert holder.wait() == -signal.SIGKILL
+  assert f'"pid": {holder.pid}' in lock_lib.lock_path(workdir).read_text()  # still written
+  capsys.readouterr()
+  train.main(argv)
+  assert "resuming from step 8" in capsys.readouterr().out
+  _assert_same_params(workdir, straight)
+  assert _losses(workdir) == _losses(straight)
+  assert f'"pid": {os.getpid()}' in lock_lib.lock_path(workdir).read_text()
+
+
+def test_lock_in_one_process(tmp_path, monkeypatch, capsys):
+  """The lock without training: a second holder in the same process is refused too (flock
+  is per open file), release frees it; processes other than 0 and filesystems without flock
+  go on without it."""
+  workdir = tmp_path / "new" / "run"
+  with lock_lib.RunLock(workdir) as first:
+    first.acquire()  # creates the workdir, and nothing else
+    assert first.held and [p.name for p in workdir.iterdir()] == [lock_lib.LOCK_FILE]
+    written = lock_lib.lock_path(workdir).read_bytes()
+    with pytest.raises(UserError, match=rf"\(pid {os.getpid()} on host "):
+      lock_lib.RunLock(workdir).acquire()
+    assert lock_lib.lock_path(workdir).read_bytes() == written
+  assert not first.held
+  with lock_lib.RunLock(workdir) as again:
+    again.acquire()
+    assert again.held
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  other = lock_lib.RunLock(tmp_path / "other")
+  other.acquire()
+  assert not other.held and not (tmp_path / "other").exists()
+  monkeypatch.undo()
+
+  def no_flock(fd, op):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(lock_lib.fcntl, "flock", no_flock)
+  unlocked = lock_lib.RunLock(tmp_path / "nfs")
+  unlocked.acquire()
+  assert not unlocked.held
+  [warning] = capsys.readouterr().err.strip().splitlines()
+  assert warning.startswith("warning: cannot lock ") and "is not detected" in warning
+
+
+# --- 8. the table in README.md -----------------------------------------------------------------
 
 def _table_rows() -> list[list[str]]:
   section = DOC.read_text().split("## What happens when...", 1)[1].split("\n## ", 1)[0]

@@ -17,7 +17,8 @@ checkpoint would lose the optax NamedTuple types).
 
 Crash safety: orbax writes each step into `<step>.orbax-checkpoint-tmp/` and renames it into
 place when complete, so a process killed mid-save leaves only a tmp directory, which is
-never listed as a step and is deleted when the next writer opens the directory. A save
+never listed as a step and is deleted when the next writer opens the directory (one
+writer per workdir: `training.lock`; readers may read while it trains). A save
 that fails because the disk is full raises a one-line `UserError` naming the step, and its
 partial directory is deleted on `close()`; the earlier checkpoints are untouched.
 """

@@ -13,6 +13,8 @@ What is never lost or trusted wrongly (docs/RELIABILITY.md has the full table):
   the step; metrics are always checked before a checkpoint is saved, so a bad state is
   never written and the last good checkpoint stays the latest.
 - A workdir resumes only the model (type and shapes) and artifacts it was started with.
+- One training process per workdir (`training.lock`): a second one stops with a `UserError`
+  naming the first, before it writes anything there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from common.errors import UserError
 from data import dataset
 from retrieval import build, candidates, datastore
 from training import checkpoint, metrics as metrics_lib, sharding
+from training.lock import RunLock
 from training.state import abstract_train_state, create_train_state
 from training.step import make_train_step
 
@@ -192,11 +195,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final metrics: `eval/loss`, `eval/perplexity`, `train/loss`, `step`, plus
   `eval/no_retrieval/*` for RETRO and phase `timings` in seconds.
+
+  Holds the workdir's lock (`training.lock`) while it runs: a second process training in
+  the same workdir stops with a one-line UserError before it changes anything there.
   """
   sharding.initialize_distributed(config.train)
-  workdir = Path(workdir)
+  with RunLock(workdir) as lock:
+    return _train_and_evaluate(config, Path(workdir), lock)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+                        lock: RunLock) -> dict[str, Any]:
   timings: dict[str, float] = {}
   t = config.train
+  # An existing workdir is locked before anything in it is read or written. A new one is
+  # created (and locked) only once its artifacts are built, so a failed start leaves none.
+  new_workdir = not workdir.is_dir()
+  if not new_workdir:
+    lock.acquire()
   saved = _saved_meta(workdir)
   if saved is not None:
     _check_same_model(saved, config, workdir)  # before any slow artifact build
@@ -213,6 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              if k not in HOST_ONLY_KEYS}
   meta = {"config": config.to_json_best_effort(), "hashes": artifacts.hashes,
           "model": config.model.name}
+  if new_workdir:
+    lock.acquire()  # creates the workdir
+    saved = _saved_meta(workdir)  # a run that started here meanwhile may have saved
+    if saved is not None:
+      _check_same_model(saved, config, workdir)
   if saved is not None:
     _check_same_run(saved, meta, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
