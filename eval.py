@@ -4,8 +4,9 @@ Prints a table and writes its rows to `<workdir>/eval_<split>.json`: one row per
 variant of the model's family (RETRO and In-Context RALM with and without retrieval), plus
 `--datastore` swapped in without retraining (`--heldout keep` lets other editions of the
 validation texts into it), kNN-LM with `--lam/--k/--temperature` and a lambda sweep (table
-and `knn_sweep.png`), `--k` retrieved items per query, and `--model` to evaluate the
-parameters as another family that fits them:
+and `knn_sweep.png`), `--k` retrieved items per query, `--verify` to recompute the checksums of
+every cached artifact it loads, and `--model` to evaluate the parameters as another family
+that fits them:
 
     python eval.py --workdir runs/baseline_small --model incontext --k 1 \
         --config.model.incontext.stride=32
@@ -13,6 +14,7 @@ parameters as another family that fits them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,7 @@ from typing import Sequence
 import configs
 import models
 from common import cli
+from common import artifacts
 from common.artifacts import atomic_write_text
 from common.errors import cli_main
 from training.checkpoint import restore_meta
@@ -53,7 +56,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--temperature", type=float, default=None, help="kNN-LM softmax temperature")
   p.add_argument("--exact", action="store_true", help="kNN-LM: report exact-distance numbers")
   p.add_argument("--batches", type=int, default=None, help="evaluate only N batches")
+  p.add_argument("--verify", action="store_true",
+                 help="recompute the checksums of every cached artifact it loads (every load "
+                      "checks sizes and .npy headers)")
   args, _ = cli.parse(p, argv)
+  with artifacts.verification(full=True) if args.verify else contextlib.nullcontext():
+    return _run(args)
+
+
+def _run(args) -> list[dict]:
   name = args.model or configs.from_json(restore_meta(args.workdir, args.step)["config"]).model.name
   family = models.get_family(name)
   knn = None

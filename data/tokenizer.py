@@ -108,10 +108,11 @@ def train_bpe(docs: Sequence[corpora.Document], vocab_size: int, out_dir: str | 
 
 
 def get_tokenizer(spec: str, train_docs: Sequence[corpora.Document], vocab_size: int,
-                  cache_dir: str = "") -> Tokenizer:
+                  cache_dir: str = "", rebuild: str = "") -> Tokenizer:
   """`data.tokenizer`: "bpe" (trained on `train_docs`, cached) or a hub name/folder.
 
-  Raises UserError if the tokenizer needs more ids than `vocab_size` (model.vocab_size).
+  Raises UserError if the tokenizer needs more ids than `vocab_size` (model.vocab_size),
+  or if a cached BPE's files are damaged (`rebuild`: the command that rebuilds it).
   """
   if spec == "bpe":
     train_hash = corpora.corpus_hash(train_docs)
@@ -128,6 +129,7 @@ def get_tokenizer(spec: str, train_docs: Sequence[corpora.Document], vocab_size:
                                  vocab_size=tok.vocab_size, hash=tok.hash)
     else:
       print(f"reusing cached tokenizer {final}", flush=True)
+    artifacts.check_files(final, rebuild=rebuild)
     tok = Tokenizer.load(str(final))
   else:
     tok = Tokenizer.load(spec)

@@ -160,7 +160,8 @@ def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepare
           timings={key: round(v, 3) for key, v in timings.items()})
   else:
     print(f"reusing cached {kind} {final}", flush=True)
-  return core.load_retrieved(final, inputs, rebuild_hint(config, final), request.batch_keys)
+  return core.load_retrieved(final, inputs, rebuild_hint(config, final), request.batch_keys,
+                             artifacts_lib.rebuild_command(config.name))
 
 
 def summary(artifacts: Artifacts) -> str:

@@ -159,11 +159,12 @@ class Retrieved:
 
 
 def load_retrieved(directory: str | os.PathLike, expected_inputs: Mapping[str, str],
-                   hint: str, batch_keys: Sequence[str] = ()) -> Retrieved:
+                   hint: str, batch_keys: Sequence[str] = (), rebuild: str = "") -> Retrieved:
   """A committed neighbours/candidates artifact, after checking its manifest against
-  `expected_inputs` (one-line UserError "stale <kind> at ..." otherwise)."""
+  `expected_inputs` (one-line UserError "stale <kind> at ..." otherwise) and its files
+  (one-line "<kind> artifact ... is damaged: ..."; `rebuild`: the command that rebuilds it)."""
   directory = Path(directory)
-  manifest = artifacts.check_manifest(directory, expected_inputs, hint)
+  manifest = artifacts.check_manifest(directory, expected_inputs, hint, rebuild)
   arrays = {}
   for listing in sorted(directory.glob("*/arrays.json")):
     names = json.loads(listing.read_text())

@@ -86,7 +86,8 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
                                   json.dumps([doc.doc_id for doc in docs]))
       artifacts.write_manifest(work, "datastore", inputs, spec=spec, documents=len(docs),
                                tokens=int(tokens_T.shape[0]), dropped_heldout=dropped)
-  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
+  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
+                           rebuild=artifacts.rebuild_command(config.name))
   split = dataset.TokenSplit.load(final, "datastore", d.seq_len, config.model.chunk_size)
   return Datastore(spec=spec, split=split, hash=split_hash(split))
 
@@ -128,7 +129,8 @@ def chunk_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSpli
   key = artifacts.fingerprint({"chunks": split_hash(split), "embedder": embedder.hash,
                                "lm_tokenizer": tok.hash, "chunk_size": split.chunk_size})
   out = artifacts.cache_root(config.data.cache_dir) / "embeddings" / key
-  return embedder.embed_chunks_to_file(split.chunk_tokens(), tok, out), key
+  return embedder.embed_chunks_to_file(split.chunk_tokens(), tok, out,
+                                       rebuild=artifacts.rebuild_command(config.name)), key
 
 
 def datastore_embeddings(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
@@ -158,6 +160,7 @@ def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarra
       artifacts.write_manifest(work, "index", {"embeddings": embeddings_hash}, hash=key,
                                spec=spec, ntotal=int(index.ntotal))
   artifacts.check_manifest(final, {"embeddings": embeddings_hash},
-                           rebuild_hint=f"delete {final} and rerun")
+                           rebuild_hint=f"delete {final} and rerun",
+                           rebuild=artifacts.rebuild_command(config.name))
   return (index_lib.load_index(final / "index.faiss", r.nprobe, r.ef_search),
           artifacts.fingerprint({"index": key, "nprobe": r.nprobe, "ef_search": r.ef_search}))

@@ -346,19 +346,23 @@ class Embedder:
     return out_NxE
 
   def embed_chunks_to_file(self, chunks_Nx64: np.ndarray, lm_tokenizer: LMTokenizer,
-                           out_dir: str | os.PathLike, shard_size: int = 16384) -> np.ndarray:
+                           out_dir: str | os.PathLike, shard_size: int = 16384,
+                           rebuild: str = "") -> np.ndarray:
     """Resumable `embed_chunks`: float32 [N, dim] memmap of `out_dir/embeddings.npy`.
 
     The shards are written by the shared writer (`shards.sharded_rows`) into
     `<out_dir>.partial/` (each atomically; a rerun skips those already there, shards of
     other inputs are discarded); when all are done they are joined, a manifest is written
-    and the directory is committed. A committed `out_dir` with the same inputs is reused.
+    and the directory is committed. A committed `out_dir` with the same inputs is reused
+    once its files check out (`artifacts.check_files`; `rebuild` names the command that
+    rebuilds it in the error).
     """
     out_dir = Path(out_dir)
     inputs = {"embedder": self.hash, "chunks": _array_hash(chunks_Nx64),
               "lm_tokenizer": str(getattr(lm_tokenizer, "hash", ""))}
     manifest = artifacts.read_manifest(out_dir) if out_dir.exists() else None
     if manifest is not None and manifest.get("inputs") == inputs:
+      artifacts.check_files(out_dir, manifest, rebuild)
       return np.load(out_dir / "embeddings.npy", mmap_mode="r")
     work = artifacts.partial_dir(out_dir)
     n = len(chunks_Nx64)

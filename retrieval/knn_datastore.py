@@ -43,7 +43,8 @@ class KnnDatastore:
   def load(cls, directory: str | os.PathLike, expected_inputs: Mapping[str, str], hint: str,
            nprobe: int = index_lib.NPROBE, ef_search: int = index_lib.EF_SEARCH
            ) -> KnnDatastore:
-    """Opens a committed datastore whose manifest matches `expected_inputs` (else UserError)."""
+    """Opens a committed datastore whose manifest matches `expected_inputs` and whose files
+    are intact (else one-line UserError)."""
     directory = Path(directory)
     manifest = artifacts.check_manifest(directory, expected_inputs, hint)
     return cls(directory, manifest, nprobe, ef_search)

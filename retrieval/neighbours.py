@@ -109,7 +109,8 @@ def window_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSpl
                           units_per_row=W, job=inputs, compute_advances_bar=True)
       artifacts.write_manifest(work, "window_embeddings", inputs, shape=[S, W, embedder.dim],
                                dtype="float32")
-  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun")
+  artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
+                           rebuild=artifacts.rebuild_command(config.name))
   return np.load(final / "embeddings.npy", mmap_mode="r")
 
 

@@ -10,6 +10,11 @@ written last, so a rerun after an interruption (even SIGKILL) recomputes only th
 unfinished shards. When all are done they are joined into `<directory>/<name>.npy`,
 `arrays.json` lists them, and the shards are removed; a directory that has `arrays.json`
 for the same job is returned without work.
+
+A shard's done-marker records each of its files (bytes, dtype, shape, sha256), and so does
+`arrays.json` for the joined arrays. What a rerun finds from an earlier process is verified
+against those records (checksums included) before it is reused: a damaged shard is
+recomputed, damaged joined arrays are recomputed from scratch.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common import artifacts
 
-LISTING = "arrays.json"  # name -> {shape, dtype} of the joined arrays; written last
+LISTING = "arrays.json"  # name -> {shape, dtype, bytes, sha256} of the joined arrays; last
 JOB = "job.json"  # what the shards were computed for; another job discards them
 
 
@@ -59,6 +64,13 @@ def sharded_rows(directory: str | os.PathLike, num_rows: int, rows_per_shard: in
         (directory / f"{name}.npy").unlink(missing_ok=True)
       listing.unlink()
     shutil.rmtree(shard_dir, ignore_errors=True)
+  if listing.exists():  # joined by an earlier process: verify before trusting it
+    problem = _listing_problem(directory)
+    if problem:
+      print(f"{directory}: {problem}; recomputing its arrays", flush=True)
+      for name in json.loads(listing.read_text()):
+        (directory / f"{name}.npy").unlink(missing_ok=True)
+      listing.unlink()
   if not listing.exists():
     if shard_dir.exists() and not job_file.exists():  # shards of unknown provenance
       shutil.rmtree(shard_dir)
@@ -66,6 +78,11 @@ def sharded_rows(directory: str | os.PathLike, num_rows: int, rows_per_shard: in
     shard_dir.mkdir(exist_ok=True)
     starts = range(0, num_rows, rows_per_shard)
     markers = [shard_dir / f"{i:05d}.done" for i in range(len(starts))]
+    for i, marker in enumerate(markers):  # shards of an earlier process: verify them
+      problem = _shard_problem(shard_dir, i) if marker.exists() else None
+      if problem:
+        print(f"shard {i} of {directory} is damaged ({problem}); recomputing it", flush=True)
+        marker.unlink()
     done = sum(min(rows_per_shard, num_rows - s) for s, f in zip(starts, markers) if f.exists())
     with tqdm(total=num_rows * units_per_row, initial=done * units_per_row, desc=desc,
               unit=unit, unit_scale=True) as bar:
@@ -75,14 +92,48 @@ def sharded_rows(directory: str | os.PathLike, num_rows: int, rows_per_shard: in
         stop = min(start + rows_per_shard, num_rows)
         before = bar.n
         arrays = compute(start, stop, bar) if compute_advances_bar else compute(start, stop)
-        for name, array in arrays.items():
-          artifacts.atomic_save_npy(shard_dir / f"{i:05d}.{name}.npy", array)
-        artifacts.atomic_write_text(marker, json.dumps(sorted(arrays)))
+        records = {}
+        for name in sorted(arrays):
+          path = shard_dir / f"{i:05d}.{name}.npy"
+          artifacts.atomic_save_npy(path, arrays[name])
+          records[name] = artifacts.file_record(path)
+        artifacts.atomic_write_text(marker, json.dumps(records))
         bar.update(before + (stop - start) * units_per_row - bar.n)
-    _join(directory, shard_dir, len(starts), json.loads(markers[0].read_text()))
+    _join(directory, shard_dir, len(starts), list(json.loads(markers[0].read_text())))
     shutil.rmtree(shard_dir)
   return {name: np.load(directory / f"{name}.npy", mmap_mode="r")
           for name in json.loads(listing.read_text())}
+
+
+def _shard_problem(shard_dir: Path, i: int) -> str | None:
+  """What is wrong with shard i's files against its done-marker's records, or None.
+  (A marker of the older format lists only names: then the .npy headers and sizes.)"""
+  try:
+    records = json.loads((shard_dir / f"{i:05d}.done").read_text())
+  except (OSError, ValueError):
+    return "its done-marker is unreadable"
+  if isinstance(records, list):
+    records = {name: {} for name in records}
+  for name, record in records.items():
+    problem = artifacts.file_problem(shard_dir / f"{i:05d}.{name}.npy", record, full=True,
+                                     source="its done-marker")
+    if problem:
+      return problem
+  return None
+
+
+def _listing_problem(directory: Path) -> str | None:
+  """What is wrong with the joined arrays against `arrays.json`, or None."""
+  try:
+    records = json.loads((directory / LISTING).read_text())
+  except (OSError, ValueError):
+    return f"{LISTING} is unreadable"
+  for name, record in records.items():
+    problem = artifacts.file_problem(directory / f"{name}.npy", record, full=True,
+                                     source=LISTING)
+    if problem:
+      return problem
+  return None
 
 
 def _join(directory: Path, shard_dir: Path, num_shards: int, names: list[str]) -> None:
@@ -101,5 +152,5 @@ def _join(directory: Path, shard_dir: Path, num_shards: int, names: list[str]) -
     out.flush()
     del out
     os.replace(tmp, directory / f"{name}.npy")
-    shapes[name] = {"shape": list(shape), "dtype": str(parts[0].dtype)}
+    shapes[name] = artifacts.file_record(directory / f"{name}.npy")
   artifacts.atomic_write_text(directory / LISTING, json.dumps(shapes, indent=2))

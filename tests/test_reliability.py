@@ -1,7 +1,7 @@
 """Reliability (issue #8): exact resume after SIGKILL (also mid-save), SIGTERM/SIGINT
-preemption, resumable artifact builds, divergence, a full disk, one-line errors for bad
-inputs through the command line, and one training process per workdir (its lock). README's
-"What happens when..." table is checked against this file.
+preemption, resumable artifact builds, damaged artifact files, divergence, a full disk,
+one-line errors for bad inputs through the command line, and one training process per
+workdir (its lock). README's "What happens when..." table is checked against this file.
 
 Subprocess runs use `DRIVER`: it imports the real entry point, optionally sends itself a
 signal when a chosen train step starts (SIGNAL_AT_STEP, drawn from a seeded RNG: a failure
@@ -40,7 +40,8 @@ import eval as eval_lib
 import train
 from common import artifacts
 from common.errors import UserError
-from retrieval import build, core, knn_datastore, neighbours
+from retrieval import build, core, knn_datastore, neighbours, shards
+from retrieval import verify as verify_lib
 from test_embedder import write_tiny_bert
 from training import checkpoint, loop
 from training import lock as lock_lib
@@ -305,6 +306,129 @@ def test_killed_neighbour_build_resumes_from_last_shard(retro, tmp_path, monkeyp
       np.testing.assert_array_equal(resumed.arrays[split][name], array)
 
 
+# --- 3b. damaged artifact files ---------------------------------------------------------------
+
+def _truncate(path: Path) -> None:
+  path.write_bytes(path.read_bytes()[:-40])
+
+
+def _append(path: Path) -> None:
+  path.write_bytes(path.read_bytes() + b"\0" * 40)
+
+
+def _flip_bit(path: Path) -> None:
+  """Flips one bit of the last byte: in a .npy file, data, not header; the size is kept."""
+  data = bytearray(path.read_bytes())
+  data[-1] ^= 1
+  path.write_bytes(bytes(data))
+
+
+def test_artifact_files_are_checked_on_load_and_by_verification(tmp_path):
+  """The manifest lists every file (size, sha256, .npy dtype/shape). Every load catches a
+  truncated, resized, re-headed or missing file with one line naming the artifact, the file,
+  the problem and the fix; a flipped data bit only the full (checksum) check. A manifest
+  written before the file list loads unchecked and is reported "unverified"."""
+  final = tmp_path / "art"
+  with artifacts.building(final) as work:
+    artifacts.atomic_save_npy(work / "a.npy", np.arange(1000, dtype=np.int32))
+    (work / "sub").mkdir()
+    (work / "sub" / "notes.json").write_text('{"x": 1}')
+    (work / ".a.npy.tmp123.npy").write_bytes(b"leftover of a killed write")
+    artifacts.write_manifest(work, "demo", {"x": "1"})
+  files = artifacts.read_manifest(final)["files"]
+  assert set(files) == {"a.npy", "sub/notes.json"}
+  assert files["a.npy"]["dtype"] == "int32" and files["a.npy"]["shape"] == [1000]
+  assert files["a.npy"]["bytes"] == (final / "a.npy").stat().st_size
+  assert files["a.npy"]["sha256"] == artifacts.file_sha256(final / "a.npy")
+  artifacts.check_manifest(final, {"x": "1"}, "hint", rebuild="python -m x")
+
+  def damaged(damage: Callable[[Path], None], name: str = "a.npy") -> str:
+    copy = Path(shutil.copytree(final, tmp_path / f"copy{len(list(tmp_path.iterdir()))}"))
+    damage(copy / name)
+    with pytest.raises(UserError) as err:
+      artifacts.check_manifest(copy, {"x": "1"}, "hint", rebuild="python -m x")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"demo artifact {copy} is damaged: {name} ")
+    assert msg.endswith(f"; delete {copy} and rerun (or: python -m x)")
+    return msg.split(" is damaged: ", 1)[1].split(";")[0]
+
+  size = files["a.npy"]["bytes"]
+  assert damaged(_truncate) == f"a.npy has {size - 40} bytes, its manifest says {size}"
+  assert damaged(_append) == f"a.npy has {size + 40} bytes, its manifest says {size}"
+  assert damaged(_truncate, "sub/notes.json").startswith("sub/notes.json has ")
+  assert damaged(lambda p: p.unlink()) == "a.npy is missing"
+  assert damaged(lambda p: np.save(p, np.arange(1000, dtype=np.float32))) == \
+      "a.npy holds float32 [1000], its manifest says int32 [1000]"
+  flipped = Path(shutil.copytree(final, tmp_path / "flipped"))
+  _flip_bit(flipped / "a.npy")
+  artifacts.check_manifest(flipped, {"x": "1"}, "hint")  # the cheap check cannot see it
+  with pytest.raises(UserError, match="a.npy does not match the sha256 its manifest records"):
+    with artifacts.verification():
+      artifacts.check_manifest(flipped, {"x": "1"}, "hint")
+
+  legacy = Path(shutil.copytree(final, tmp_path / "legacy"))
+  manifest = artifacts.read_manifest(legacy)
+  del manifest["files"]
+  artifacts.atomic_write_text(legacy / artifacts.MANIFEST, json.dumps(manifest))
+  _truncate(legacy / "a.npy")
+  with artifacts.verification() as report:
+    artifacts.check_manifest(legacy, {"x": "1"}, "hint")  # unchecked, not refused
+  assert [(status, d) for _, d, status, _ in report] == [("unverified", legacy)]
+
+
+def _interrupted_shards(directory: Path, rows: np.ndarray, done: int) -> None:
+  """A sharded build of `rows` (8 a shard) that fails after `done` shards."""
+  def compute(s0, s1):
+    if s0 >= 8 * done:
+      raise RuntimeError("interrupted")
+    return {"x": rows[s0:s1], "y": rows[s0:s1, 0].astype(np.int64)}
+  with pytest.raises(RuntimeError, match="interrupted"):
+    shards.sharded_rows(directory, len(rows), 8, compute, desc="test")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _append, _flip_bit],
+                         ids=["truncated", "resized", "bit_flipped"])
+def test_damaged_shard_is_recomputed_on_resume(damage, tmp_path, capsys):
+  """An interrupted sharded build left 3 shards; one of them is damaged. The rerun checks
+  every kept shard against the sizes and sha256 its done-marker recorded, recomputes the
+  damaged one (and the unfinished ones) and joins the same arrays as a clean build; a
+  damaged joined array found by a rerun is recomputed too."""
+  rows = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+  _interrupted_shards(tmp_path, rows, done=3)
+  damage(tmp_path / "shards" / "00001.x.npy")
+  calls = []
+
+  def compute(s0, s1):
+    calls.append(s0)
+    return {"x": rows[s0:s1], "y": rows[s0:s1, 0].astype(np.int64)}
+
+  capsys.readouterr()
+  out = shards.sharded_rows(tmp_path, 40, 8, compute, desc="test")
+  assert calls == [8, 24, 32]
+  assert f"shard 1 of {tmp_path} is damaged (00001.x.npy " in capsys.readouterr().out
+  np.testing.assert_array_equal(out["x"], rows)
+  np.testing.assert_array_equal(out["y"], rows[:, 0].astype(np.int64))
+  listing = json.loads((tmp_path / shards.LISTING).read_text())
+  assert listing["x"]["sha256"] == artifacts.file_sha256(tmp_path / "x.npy")
+
+  del out
+  damage(tmp_path / "x.npy")  # joined, but not yet committed when the build was stopped
+  calls.clear()
+  out = shards.sharded_rows(tmp_path, 40, 8, compute, desc="test")
+  assert calls == [0, 8, 16, 24, 32] and "recomputing its arrays" in capsys.readouterr().out
+  np.testing.assert_array_equal(out["x"], rows)
+
+
+def test_verify_reports_every_artifact_of_a_config(retro):
+  """`python -m retrieval.verify` finds every artifact tiny_retro uses and checks all of
+  their checksums: all OK on an intact cache (the damaged case is a bad-input case)."""
+  report = verify_lib.verify(configs.load("tiny_retro", retro))
+  kinds = [kind for kind, _, _, _ in report]
+  assert kinds == ["tokenizer", "dataset", "embeddings", "embeddings", "index",
+                   neighbours.ARTIFACT], report  # chunk embeddings: train, validation
+  assert all(status == "ok" and not detail for _, _, status, detail in report), report
+
+
 # --- 4. divergence ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad_step", [6, 8], ids=["between_checkpoints", "at_a_checkpoint"])
@@ -436,6 +560,21 @@ def _retro_case(kind: str, key: str) -> Callable:
   return setup
 
 
+def _damaged_case(kind: str, name: str, damage: Callable[[Path], None],
+                  script: str = "train.py") -> Callable:
+  """A copy of tiny_retro's cache in which `name` of the `kind` artifact is damaged."""
+  def setup(request, tmp_path):
+    retro = request.getfixturevalue("retro")
+    cache = Path(shutil.copytree(dict(o.split("=", 1) for o in retro)["data.cache_dir"],
+                                 tmp_path / "cache"))
+    built = min(p for p in (cache / kind).iterdir() if artifacts.read_manifest(p))
+    damage(built / name)
+    workdir = ["--workdir", str(tmp_path / "run")] if script == "train.py" else []
+    return [script, "--config", "tiny_retro", *workdir,
+            *_cli([*retro, f"data.cache_dir={cache}"])], cache
+  return setup
+
+
 def _knn_case(request, tmp_path):
   run = request.getfixturevalue("knn_run")
   cache = Path(json.loads((run / "config.json").read_text())["data"]["cache_dir"])
@@ -481,6 +620,15 @@ CASES = {
                                    "stale retro_neighbours at"),
     "index_other_embedder": (_retro_case("index", "embeddings"), "stale index at"),
     "knn_datastore_other_checkpoint": (_knn_case, "stale knn_datastore at"),
+    "truncated_artifact_file": (_damaged_case(neighbours.ARTIFACT, "train/neighbours.npy",
+                                              _truncate),
+                                "is damaged: train/neighbours.npy has"),
+    "resized_artifact_file": (_damaged_case("datasets", "train.tokens.npy", _append),
+                              "is damaged: train.tokens.npy has"),
+    "bit_flipped_artifact_verify": (_damaged_case("embeddings", "embeddings.npy", _flip_bit,
+                                                  "retrieval.verify"),
+                                    "is damaged: embeddings.npy does not match the sha256 its "
+                                    "manifest records"),
     "truncated_checkpoint_eval": (_checkpoint_case("eval.py", truncate=True),
                                   "is truncated, corrupt or from another config"),
     "truncated_checkpoint_train": (_checkpoint_case("train.py", "--config", "tiny_transformer",
