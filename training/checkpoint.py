@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -66,14 +67,28 @@ def _short(error: BaseException, limit: int = 160) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class _AbandonedReadFilter(logging.Filter):
+  """Drops asyncio's "Future exception was never retrieved" for a tensorstore read that a
+  failed restore abandoned (its future is collected later, possibly during other work)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Future exception was never retrieved")
+                and "tensorstore_spec" in message)
+
+
 def _quiet_abandoned_reads() -> None:
-  """Drops the 'Event loop is closed' reports of reads a failed restore abandoned.
+  """Drops the reports of reads a failed restore abandoned ("Event loop is closed", and
+  asyncio's never-retrieved futures of those reads: `_AbandonedReadFilter`).
 
   When one array of a checkpoint cannot be read, orbax closes its event loop while
   tensorstore still finishes the other reads; their callbacks then fail, and Python prints
   each as an unraisable RuntimeError traceback after the one-line error. Only those are
   dropped; every other unraisable exception still reaches the previous hook.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReadFilter())
   previous = sys.unraisablehook
   if getattr(previous, "quiets_abandoned_reads", False):
     return
