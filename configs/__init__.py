@@ -55,7 +55,7 @@ def apply_override(cfg: ml_collections.ConfigDict, override: str) -> None:
     raise UserError(f"config has no field {key!r}; fields here: {', '.join(sorted(node.keys()))}")
   old = node[leaf]
   value = _parse_value(raw)
-  if isinstance(old, tuple) and isinstance(value, (list, int)):
+  if isinstance(old, tuple) and isinstance(value, (list, int, str)):
     value = tuple(value) if isinstance(value, list) else (value,)
   if isinstance(old, str) and not isinstance(value, str):
     value = raw

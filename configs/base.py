@@ -97,6 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 100
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  # Warm start (RETRO-fitting, REALM from a baseline): a workdir whose latest checkpoint's
+  # parameters initialise every parameter of the same path and shape ("" = none).
+  t.init_from = ""
+  # Regular expressions over "/"-joined parameter paths (e.g. "encoder", "cross_"): only
+  # matching parameters are updated, the rest are frozen. Empty: all are trained.
+  t.trainable = ()
   t.mesh_data = -1  # -1: all devices on the data axis
   t.mesh_fsdp = 1
   t.multihost = False

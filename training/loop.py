@@ -42,7 +42,7 @@ from data import dataset
 from retrieval import build, candidates, datastore
 from training import checkpoint, metrics as metrics_lib, sharding
 from training.lock import RunLock
-from training.state import abstract_train_state, create_train_state
+from training.state import abstract_train_state, create_train_state, warm_start
 from training.step import make_train_step
 
 HOST_ONLY_KEYS = ("index",)  # batch entries for the host (citations), never sent to devices
@@ -247,6 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     print(f"resuming from step {first} in {workdir}", flush=True)
   else:
     state, shardings = create_train_state(config, jax.random.PRNGKey(config.seed), example, mesh)
+    if t.init_from:
+      state = warm_start(config, state, shardings, artifacts.hashes)
   atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   loss_fn = models.make_loss_fn(config.model)
   step_fn = make_train_step(config, loss_fn, shardings, mesh)

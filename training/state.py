@@ -1,4 +1,5 @@
-"""The train state, the optimizer and its learning-rate schedule, and sharded initialisation.
+"""The train state, the optimizer (with frozen parameters: `train.trainable`) and its
+learning-rate schedule, sharded initialisation, and warm starts (`train.init_from`).
 
     mesh = sharding.make_mesh(config.train)
     state, shardings = create_train_state(config, jax.random.PRNGKey(config.seed), batch, mesh)
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -18,7 +20,7 @@ from jax.sharding import Mesh
 
 import models
 from common.errors import UserError
-from training import sharding
+from training import checkpoint, sharding
 
 # (model_config, rng, batch) -> params (plain arrays), like `models.init_params`.
 InitFn = Callable[[ml_collections.ConfigDict, jax.Array, Mapping[str, jax.Array]], Any]
@@ -65,14 +67,32 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def param_path(path: tuple) -> str:
+  """A parameter's "/"-joined path, e.g. "blocks_2/cross_attn/query/kernel"."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_mask(train_config: ml_collections.ConfigDict, params: Any) -> Any:
+  """Pytree of bools like `params`: True where a `train.trainable` pattern matches the
+  parameter's path (every parameter when there are none)."""
+  patterns = [re.compile(p) for p in train_config.trainable]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not patterns or any(p.search(param_path(path)) for p in patterns), params)
+
+
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping (off when train.grad_clip <= 0), then AdamW on `lr_schedule`."""
+  """Global-norm clipping (off when train.grad_clip <= 0), then AdamW on `lr_schedule`;
+  with `train.trainable`, parameters no pattern matches get no update (frozen)."""
   t = train_config
-  adamw = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                      mask=_decay_mask)
-  if t.grad_clip <= 0:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+  tx = optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                   mask=_decay_mask)
+  if t.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+  if not t.trainable:
+    return tx
+  labels = lambda params: jax.tree.map(lambda train: "train" if train else "frozen",  # noqa: E731
+                                       trainable_mask(t, params))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _layout(config: ml_collections.ConfigDict, example_batch: Mapping[str, Any], mesh: Mesh,
@@ -126,3 +146,42 @@ def abstract_train_state(config: ml_collections.ConfigDict, example_batch: Mappi
   _, abstract, shardings = _layout(config, example_batch, mesh, init_fn, axes_fn)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
+
+
+def warm_start(config: ml_collections.ConfigDict, state: TrainState, shardings: Any,
+               hashes: Mapping[str, str]) -> TrainState:
+  """The fresh `state` with the parameters of `train.init_from`'s latest checkpoint copied in.
+
+  Every parameter whose path the checkpoint also has takes its value (RETRO-fitting: a
+  baseline's decoder under fresh CCA and encoder); the optimizer state starts anew for the
+  merged parameters. UserError if the checkpoint was trained on other data (`hashes`: this
+  run's artifact hashes), a shared path has another shape, or nothing is shared.
+  """
+  source = config.train.init_from
+  meta = checkpoint.restore_meta(source)
+  for key in ("tokenizer", "dataset"):
+    if meta.get("hashes", {}).get(key, hashes[key]) != hashes[key]:
+      raise UserError(f"train.init_from={source} was trained on another {key}; warm start "
+                      f"from a checkpoint of the same data.corpus and data.tokenizer")
+  loaded = {param_path(p): v for p, v in
+            jax.tree_util.tree_leaves_with_path(checkpoint.load_params(source))}
+  here = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
+  shared = [k for k in here if k in loaded]
+  for k in shared:
+    if loaded[k].shape != here[k].shape:
+      raise UserError(f"train.init_from={source}: parameter {k} has shape "
+                      f"{tuple(loaded[k].shape)} there and {tuple(here[k].shape)} here; warm "
+                      f"start from a checkpoint of the same model sizes")
+  if not shared:
+    raise UserError(f"train.init_from={source} shares no parameter path with model "
+                    f"{config.model.name!r}; warm start from a checkpoint of a model this one "
+                    f"extends (e.g. a baseline for RETRO)")
+  params = jax.tree_util.tree_map_with_path(lambda p, v: loaded.get(param_path(p), v),
+                                            state.params)
+  params = jax.device_put(params, shardings.params)
+  opt_state = jax.jit(make_optimizer(config.train).init,
+                      out_shardings=shardings.opt_state)(params)
+  frozen = sum(not m for m in jax.tree.leaves(trainable_mask(config.train, params)))
+  print(f"warm start from {source} (step {meta['step']}): {len(shared)} of {len(here)} "
+        f"parameter arrays copied, {frozen} frozen (train.trainable)", flush=True)
+  return state.replace(params=params, opt_state=opt_state)
