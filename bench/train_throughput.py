@@ -51,8 +51,8 @@ PROFILE_TOP_OPS = 15
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
   """A batch of the config's shapes with random tokens (and what the family retrieves)."""
   spec = Spec.from_config(config.model)
-  return models.get_family(spec).example_batch(spec, config.data.batch_size, config.data.seq_len,
-                                           rng)
+  family = models.get_family(spec)
+  return family.example_batch(spec, config.data.batch_size, config.data.seq_len, rng)
 
 
 def _cpu_seconds() -> float:

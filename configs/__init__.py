@@ -84,7 +84,6 @@ _RANGES = {
     "train.mesh_data": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
     "train.mesh_fsdp": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
     "data.val_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
-    "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval.knn_lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "eval.knn_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "retrieval.memory_budget_gb": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -114,7 +113,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise UserError(f"{name}={value!r} must be {want}; set --config.{name}")
   m, t = cfg.model, cfg.train
   fam = get_family(m.name)
-  Spec.from_config(m)  # widths, heads, dtype
+  Spec.from_config(m)  # widths, heads, dtype, dropout
   if t.warmup_steps > t.steps:
     raise UserError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}; "
                     f"lower --config.train.warmup_steps")

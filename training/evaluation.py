@@ -101,8 +101,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if drop_heldout is not None:
     fields["retrieval.datastore_drop_heldout"] = drop_heldout
   config = _with(config, list(overrides), **fields)
-  family = models.get_family(config.model)
-  request = family.retrieval(Spec.from_config(config.model))
+  request = build.retrieval_request(config)
   if (datastore or drop_heldout is not None) and request is None:
     raise UserError(f"--datastore/--heldout swap the datastore; model {config.model.name!r} "
                     "reads none")
@@ -125,6 +124,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
     if loop.refresh_every(config):  # the index as the run left it: re-embedded by these params
       artifacts = loop.refresh_candidates(config, artifacts, params)
       result["index"] = f"refreshed at step {saved['step']}"
+    else:
+      result["index"] = "frozen"
     if not retrieval:
       drop = request.batch_keys
     k = config.eval.num_neighbours if k is None else k
@@ -147,7 +148,7 @@ def _check_params_fit(config: ml_collections.ConfigDict, params: Any, workdir: P
   """UserError unless the checkpoint's parameters have the tree and shapes of the model."""
   spec = Spec.from_config(config.model)
   batch = models.get_family(spec).example_batch(spec, 1, config.data.seq_len,
-                                            np.random.default_rng(0))
+                                                np.random.default_rng(0))
   want = jax.eval_shape(lambda: models.init_params(config.model, jax.random.key(0), batch))
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
   if shapes(want) != shapes(params):

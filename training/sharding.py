@@ -145,12 +145,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _batch_ways_per_process(mesh: Mesh) -> int:
+  """How many ways this process's part of a batch is split (the mesh's batch axes)."""
+  return max(math.prod(mesh.shape[a] for a in BATCH_AXES) // jax.process_count(), 1)
+
+
 def check_batch_sizes(config: ml_collections.ConfigDict, mesh: Mesh,
                       fields: tuple[str, ...] = ("data.batch_size", "eval.batch_size")) -> None:
   """UserError, before anything is built or run, unless each batch size (a dotted config
   field) splits over this process's share of the mesh's batch axes (as `shard_batch`)."""
-  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  per_process = max(ways // jax.process_count(), 1)
+  per_process = _batch_ways_per_process(mesh)
   for field in fields:
     section, name = field.split(".")
     value = config[section][name]
@@ -167,11 +171,10 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   slice of the global batch (global size = local size * process count).
   """
   sharding = batch_sharding(mesh)
-  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  per_process = ways // jax.process_count()
+  per_process = _batch_ways_per_process(mesh)
   out = {}
   for name, value in batch.items():
-    if value.shape[0] % max(per_process, 1):
+    if value.shape[0] % per_process:
       raise UserError(f"batch of {value.shape[0]} ({name!r}) does not split over "
                       f"{per_process} devices; make data.batch_size a multiple of "
                       f"train.mesh_data * train.mesh_fsdp")
