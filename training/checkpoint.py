@@ -68,13 +68,16 @@ def _short(error: BaseException, limit: int = 160) -> str:
 
 
 class _AbandonedReadFilter(logging.Filter):
-  """Drops asyncio's "Future exception was never retrieved" for a tensorstore read that a
-  failed restore abandoned (its future is collected later, possibly during other work)."""
+  """Drops asyncio's "Future/Task exception was never retrieved" for a tensorstore read that
+  a failed restore abandoned (it is collected later, possibly during other work)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Future exception was never retrieved")
-                and "tensorstore_spec" in message)
+    if not message.startswith(("Future exception was never retrieved",
+                               "Task exception was never retrieved")):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return "tensorstore_spec" not in message + str(error)
 
 
 def _quiet_abandoned_reads() -> None:
