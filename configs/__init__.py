@@ -73,7 +73,8 @@ _POSITIVE = ("data.batch_size", "data.seq_len", "model.vocab_size", "model.chunk
              "eval.knn_k", "retrieval.embed_batch_size", "retrieval.embed_max_tokens",
              "retrieval.overfetch", "retrieval.nprobe", "retrieval.ef_search")
 _NON_NEGATIVE = ("data.max_documents", "train.warmup_steps", "train.stop_after",
-                 "train.weight_decay", "eval.batches", "retrieval.refresh_every")
+                 "train.weight_decay", "eval.batches", "retrieval.refresh_every",
+                 "eval.score_from")
 # field -> (test, what it must be): ranges that are not just "positive".
 _RANGES = {
     "train.learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -84,6 +85,7 @@ _RANGES = {
     "train.mesh_data": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
     "train.mesh_fsdp": (lambda v: v == -1 or v >= 1, "-1 (all devices) or >= 1"),
     "data.val_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "data.test_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "eval.knn_lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "eval.knn_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "retrieval.memory_budget_gb": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -124,6 +126,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     fixed = max(m.chunk_size, round(cfg.data.seq_len / m.chunk_size) * m.chunk_size)
     raise UserError(f"data.seq_len={cfg.data.seq_len} is not a positive multiple of the chunk "
                     f"size {m.chunk_size}; set --config.data.seq_len={fixed}")
+  if cfg.eval.score_from >= cfg.data.seq_len:
+    raise UserError(f"eval.score_from={cfg.eval.score_from} leaves no scored target in a "
+                    f"sequence of data.seq_len={cfg.data.seq_len}; use e.g. "
+                    f"{m.chunk_size - 1} (REALM's query chunk) or 0")
   if not 0 <= cfg.eval.num_neighbours <= m.num_neighbours:
     raise UserError(f"eval.num_neighbours={cfg.eval.num_neighbours} must be in 0.."
                     f"{m.num_neighbours} (model.num_neighbours: the K retrieved; 0 = all)")

@@ -31,6 +31,12 @@ def base_config() -> ml_collections.ConfigDict:
   m.chunk_size = CHUNK_SIZE
   # RETRO: decoder layers (1-based, as in the paper) that hold chunked cross-attention.
   m.cca_layers = (3, 6)
+  # True: CCA's output projections start at zero, so a new RETRO (or a RETRO-fitted
+  # baseline) starts exactly as its decoder. Off by default: zero-initialised, the copy
+  # probe (tests/test_models.py's copy test) learns to read aligned neighbours far slower
+  # (loss 2.6 vs 0.44 nats after 300 steps; no gradient reaches the CCA queries and keys
+  # until the output projection has grown).
+  m.cca_zero_init = False
   # K: the datastore items retrieved per query (RETRO neighbours, REALM candidates,
   # In-Context RALM documents). The one place K is set; retrieval builds exactly K.
   m.num_neighbours = 2
@@ -59,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.corpus = "shakespeare"  # named corpus | glob of .txt/.jsonl | tfds:<catalog name>
   d.cache_dir = ""  # "" -> $RETROZOO_CACHE or ~/.cache/retrozoo
   d.val_fraction = 0.1
+  # Held-out test documents (after validation's in the split ranking): hyperparameters are
+  # chosen on validation and final numbers reported on test. 0 = no test split.
+  d.test_fraction = 0.1
   d.split_seed = 0
   d.tokenizer = "bpe"  # bpe: train byte-level BPE on the train split | HF name or folder
   d.seq_len = 512
@@ -76,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.nprobe = index_lib.NPROBE
   r.ef_search = index_lib.EF_SEARCH
   r.overfetch = 64  # fetch K * overfetch, then drop same-document hits (plays are self-similar)
+  # Start each RETRO / In-Context neighbour at the shift (within a chunk) that lines it up
+  # with its query, so its continuation is aligned with the query's (retrieval/core.py).
+  r.align_neighbours = True
   r.datastore = ""  # "" -> the training split of data.corpus; else another corpus spec
   # Drop datastore documents named like a validation document (the last part of the doc
   # id, e.g. folio/othello for shakespeare/othello): another edition of a held-out text.
@@ -115,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.knn_lam = 0.25
   e.knn_temperature = 1.0
   e.knn_exact = False
+  # Targets of input positions < score_from get no weight in evaluation. REALM never
+  # scores its query chunk (positions < chunk_size - 1); results.py sets chunk_size - 1 for
+  # every model so all are scored on the same tokens.
+  e.score_from = 0
   e.num_neighbours = 0  # retrieved items a model reads at evaluation (first k); 0 = as trained
   return c
 

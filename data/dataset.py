@@ -39,7 +39,7 @@ from common.errors import UserError
 from data import corpora
 from data import tokenizer as tokenizer_lib
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")  # "test" exists only with data.test_fraction > 0
 _FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
 _TOKENIZE_BATCH_CHARS = 1 << 20  # texts per encode_batch call, by total characters
 _READ_BATCH = 256  # documents per data-source read
@@ -153,10 +153,20 @@ class Prepared:
   validation: TokenSplit
   hashes: dict[str, str]  # corpus, tokenizer, dataset
   directory: Path
+  test: TokenSplit | None = None  # held-out documents for final numbers (data.test_fraction)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The splits this dataset has, in SPLITS order."""
+    return tuple(name for name in SPLITS if getattr(self, name) is not None)
 
   def split(self, name: str) -> TokenSplit:
     if name not in SPLITS:
       raise UserError(f"unknown split {name!r}; use one of: {', '.join(SPLITS)}")
+    if name not in self.names:
+      raise UserError(f"this dataset has no {name} split (data.test_fraction=0); set "
+                      f"--config.data.test_fraction=0.1 (the model must be trained on that "
+                      f"split layout)")
     return getattr(self, name)
 
   def documents(self, name: str) -> Sequence[dict]:
@@ -169,16 +179,21 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   """Corpus -> split -> tokenizer -> TFDS dataset -> packed streams; every step cached."""
   d = config.data  # configs.validate has checked seq_len against the chunk size
   docs = corpora.load_corpus(d.corpus, d.cache_dir, d.max_documents)
-  splits = corpora.split_documents(docs, d.val_fraction, d.split_seed)
-  if not splits["train"] or not splits["validation"]:
-    raise UserError(f"corpus {d.corpus!r} has {len(docs)} document(s); at least 2 are needed "
-                    f"(one is held out for validation): add documents or raise "
-                    f"--config.data.max_documents")
+  splits = corpora.split_documents(docs, d.val_fraction, d.split_seed, d.test_fraction)
+  if not all(splits.values()):
+    need = len(splits)
+    raise UserError(f"corpus {d.corpus!r} has {len(docs)} document(s); at least {need} are "
+                    f"needed (one each for {', '.join(splits)}): add documents or raise "
+                    f"--config.data.max_documents" +
+                    (" (or set --config.data.test_fraction=0)" if need == 3 else ""))
   tok = tokenizer_lib.get_tokenizer(d.tokenizer, splits["train"], config.model.vocab_size,
                                     d.cache_dir, rebuild=artifacts.rebuild_command(config.name))
   inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": tok.hash}
-  dataset_hash = artifacts.fingerprint({**inputs, "val_fraction": d.val_fraction,
-                                        "split_seed": d.split_seed, "format": _FORMAT})
+  fractions = {"val_fraction": d.val_fraction}
+  if d.test_fraction:  # (absent when 0: datasets built before the test split keep their hash)
+    fractions["test_fraction"] = d.test_fraction
+  dataset_hash = artifacts.fingerprint({**inputs, **fractions, "split_seed": d.split_seed,
+                                        "format": _FORMAT})
   final = artifacts.cache_root(d.cache_dir) / "datasets" / dataset_hash
   if artifacts.read_manifest(final) is None:
     print(f"building dataset {final}", flush=True)
@@ -188,7 +203,7 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
   parts = {name: TokenSplit.load(final, name, d.seq_len, config.model.chunk_size)
-           for name in SPLITS}
+           for name in splits}
   for part in parts.values():
     if part.num_sequences < 1:
       raise UserError(f"the {part.name} split of corpus {d.corpus!r} has {part.num_tokens} "
@@ -196,7 +211,8 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                       f"lower --config.data.seq_len or use more text (data.max_documents, "
                       f"data.val_fraction)")
   return Prepared(tokenizer=tok, train=parts["train"], validation=parts["validation"],
-                  hashes={**inputs, "dataset": dataset_hash}, directory=final)
+                  test=parts.get("test"), hashes={**inputs, "dataset": dataset_hash},
+                  directory=final)
 
 
 def batch_indices(num_sequences: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -242,7 +258,7 @@ def _build(splits: dict[str, list[corpora.Document]], tok: tokenizer_lib.Tokeniz
     artifacts.atomic_write_text(work / _TFDS_RECORD,
                                 json.dumps(artifacts.files_record(work / "tfds"), indent=1))
     counts = {}
-    for name in SPLITS:
+    for name in splits:
       tokens, token_doc, doc_ids = _pack(builder.as_data_source(split=name), tok.eos_id)
       artifacts.atomic_save_npy(work / f"{name}.tokens.npy", tokens)
       artifacts.atomic_save_npy(work / f"{name}.token_doc.npy", token_doc)

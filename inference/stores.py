@@ -34,6 +34,7 @@ class ChunkStore:
     self.index, _ = datastore.datastore_index(config, self.embeddings_NxE, emb_hash)
     split = self.store.split
     self.m = split.chunk_size
+    self.align = config.retrieval.align_neighbours
     self.chunk_doc_N = np.asarray(split.chunk_doc())
     self.doc_start_D = np.searchsorted(np.asarray(split.token_doc), np.arange(len(split.doc_ids)))
 
@@ -43,10 +44,18 @@ class ChunkStore:
     dists_BxK, ids_BxK = index_lib.search(self.index, queries_BxE, k)
     return ids_BxK, dists_BxK
 
-  def windows(self, ids_BxK: np.ndarray, length: int) -> np.ndarray:
-    """int32 [B, K, length]: the tokens from each chunk's start (0 past its document)."""
+  def windows(self, ids_BxK: np.ndarray, length: int, query_BxT: np.ndarray | None = None
+              ) -> np.ndarray:
+    """int32 [B, K, length]: the tokens from each chunk's start (0 past its document); with
+    the query and `retrieval.align_neighbours`, from the shift that aligns the chunk with the
+    query's last m tokens, as the training neighbours were built."""
     split = self.store.split
-    return core.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length)
+    query_BxM = None
+    if self.align and query_BxT is not None:
+      query_BxM = np.zeros((len(query_BxT), self.m), np.int32)
+      tail_BxT = np.asarray(query_BxT)[:, -self.m:]
+      query_BxM[:, self.m - tail_BxT.shape[1]:] = tail_BxT
+    return core.chunk_windows(split.tokens, split.token_doc, ids_BxK, self.m, length, query_BxM)
 
   def neighbour(self, chunk: int, distance: float, tokens: np.ndarray,
                 weight: float | None = None) -> Neighbour:

@@ -111,8 +111,9 @@ def sample(ctx: Any) -> Callable[[int, int, int], list]:
   for pos in ctx.positions("generate (In-Context RALM)"):
     if pos % stride == 0:  # a block starts: retrieve with the last q tokens, re-read all
       if store is not None and pos > 0:
-        ids_BxK, dists_BxK = store.search(tokens_BxT[:, max(0, pos - q):pos], K)
-        windows_BxKxR = store.windows(ids_BxK, R)
+        query_BxQ = tokens_BxT[:, max(0, pos - q):pos]
+        ids_BxK, dists_BxK = store.search(query_BxQ, K)
+        windows_BxKxR = store.windows(ids_BxK, R, query_BxQ)
         docs_NxR = windows_BxKxR.reshape(B * K, R)
         for b in range(B):
           read[b][pos // stride] = [store.neighbour(i, d, w) for i, d, w in

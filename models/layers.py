@@ -52,6 +52,7 @@ class Spec:
   rope_base: float
   chunk_size: int
   cca_layers: tuple[int, ...]
+  cca_zero_init: bool
   num_neighbours: int
   neighbour_len: int
   encoder: EncoderSpec
@@ -84,6 +85,7 @@ class Spec:
         dropout=float(cfg.dropout), dtype=_DTYPES[cfg.dtype], remat=bool(cfg.remat),
         rope_base=float(cfg.rope_base), chunk_size=cfg.chunk_size,
         cca_layers=tuple(int(i) for i in cfg.cca_layers),
+        cca_zero_init=bool(cfg.cca_zero_init),
         num_neighbours=cfg.num_neighbours, neighbour_len=cfg.neighbour_len,
         encoder=EncoderSpec(e.width, e.num_layers, e.num_heads, e.head_dim, e.mlp_dim),
         options=_frozen(cfg.get(cfg.name)))
@@ -120,7 +122,8 @@ class DecoderBlock(nn.Module):
                           dtype=s.dtype)
     if self.cross:
       self.cross_norm = RMSNorm(s.dtype)
-      self.cross_attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, dtype=s.dtype)
+      self.cross_attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, dtype=s.dtype,
+                                  zero_out=s.cca_zero_init)
     self.mlp_norm = RMSNorm(s.dtype)
     self.mlp = _maybe_remat(Mlp, s.remat)(s.mlp_dim, dtype=s.dtype)
     self.drop = nn.Dropout(s.dropout)

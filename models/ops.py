@@ -40,15 +40,17 @@ class Kernel(nn.Module):
   `nn.Dense`/`nn.DenseGeneral` with the same parameter tree. The caller multiplies with
   `dense`: XLA's CPU backend is fastest on plain 2-D matmuls, and a dot with several
   contracting dimensions (a [B, L, D] input, a [H, K, D] kernel) makes its weight
-  gradient about twice as slow.
+  gradient about twice as slow. `zero=True` initialises it at zero instead.
   """
   features: tuple[int, ...]
   names: tuple[str | None, ...]
+  zero: bool = False
 
   @nn.compact
   def __call__(self, in_shape: tuple[int, ...]) -> jax.Array:
     n_in, n_out = int(np.prod(in_shape)), int(np.prod(self.features))
-    flat_init = dense_init(self.names)
+    flat_init = (nn.with_logical_partitioning(nn.initializers.zeros, self.names) if self.zero
+                 else dense_init(self.names))
 
     def init(rng: jax.Array, shape: tuple[int, ...], dtype: Any) -> Any:
       flat = flat_init(rng, (n_in, n_out), dtype)
@@ -212,7 +214,8 @@ class Attention(nn.Module):
   position in the "cache" collection: `init` with decode sizes the cache by its input
   length S; each later call writes its T new keys and values at positions `pos_S` (an
   array) and attends over all S cached positions, so `mask_Bx1xTxS` must say which of
-  them each query sees.
+  them each query sees. `zero_out=True` initialises `out` at zero: the layer starts as a
+  no-op on the residual stream (RETRO's CCA, `model.cca_zero_init`).
   """
   num_heads: int
   head_dim: int
@@ -220,6 +223,7 @@ class Attention(nn.Module):
   rope_base: float
   causal: bool = False
   dtype: Any = jnp.float32
+  zero_out: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None,
@@ -256,7 +260,8 @@ class Attention(nn.Module):
         values.value = jax.lax.dynamic_update_slice(values.value, v_BxHxSxK, start)
         k_BxHxSxK, v_BxHxSxK, causal = keys.value, values.value, False
     out_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, causal)
-    wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), name="out")((H, K))
+    wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), zero=self.zero_out,
+                     name="out")((H, K))
     return dense(heads_first(out_BxHxTxK), wo_HKxD, self.dtype, in_dims=2)
 
 

@@ -216,8 +216,9 @@ def sample(ctx: Any) -> Callable[[int, int, int], list]:
   for pos in ctx.positions("generate (RETRO)"):
     nbr_Bx1xKxR = None
     if store is not None and pos % m == m - 1:  # chunk pos // m is complete: retrieve
-      ids_BxK, dists_BxK = store.search(tokens_BxT[:, pos + 1 - m:pos + 1], K)
-      windows_BxKxR = store.windows(ids_BxK, R)
+      query_BxM = tokens_BxT[:, pos + 1 - m:pos + 1]
+      ids_BxK, dists_BxK = store.search(query_BxM, K)
+      windows_BxKxR = store.windows(ids_BxK, R, query_BxM)
       nbr_Bx1xKxR = jnp.asarray(windows_BxKxR[:, None])
       for b in range(B):
         retrieved[b][pos // m] = [store.neighbour(i, d, w) for i, d, w in

@@ -76,10 +76,11 @@ def retrieval_request(config: ml_collections.ConfigDict) -> family_lib.Retrieval
   return family_lib.get(config.model.name).retrieval(spec)
 
 
-def build_all(config: ml_collections.ConfigDict, splits: Sequence[str] = dataset.SPLITS
+def build_all(config: ml_collections.ConfigDict, splits: Sequence[str] | None = None
               ) -> Artifacts:
   """Prepares the data and builds (or loads from the cache) the family's retrieval arrays
-  for `splits` (training builds both; evaluating a model as another family one)."""
+  for `splits` (default: every split the dataset has; evaluating a model as another
+  family builds one)."""
   prepared = dataset.prepare(config)
   request = retrieval_request(config)
   if request is None:
@@ -104,7 +105,8 @@ def retrieval_inputs(config: ml_collections.ConfigDict, prepared: dataset.Prepar
               "kind": request.kind, "k": request.k, "length": request.length,
               "stride": request.stride, "query_len": request.query_len,
               "overfetch": r.overfetch, "seq_len": config.data.seq_len,
-              "chunk_size": config.model.chunk_size, "splits": sorted(splits)})}
+              "chunk_size": config.model.chunk_size, "splits": sorted(splits),
+              **({"align": r.align_neighbours} if request.kind == "neighbours" else {})})}
 
 
 def rebuild_hint(config: ml_collections.ConfigDict, directory: Path) -> str:
@@ -115,7 +117,7 @@ def rebuild_hint(config: ml_collections.ConfigDict, directory: Path) -> str:
 def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
                     request: family_lib.RetrievalSpec,
                     store: datastore.Datastore | None = None,
-                    splits: Sequence[str] = dataset.SPLITS) -> core.Retrieved:
+                    splits: Sequence[str] | None = None) -> core.Retrieved:
   """The arrays `request` (a `models.family.RetrievalSpec`) asks for, for `splits`, cached.
 
   Embeds the datastore chunks and every split's queries, builds the index, then searches
@@ -124,6 +126,7 @@ def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepare
   if request.kind not in BUILDERS:
     raise ValueError(f"request kind must be one of {', '.join(BUILDERS)}, got {request.kind!r}")
   builder = BUILDERS[request.kind]
+  splits = prepared.names if splits is None else tuple(splits)
   r = config.retrieval
   if r.overfetch < 1 or request.k < 1:
     raise UserError(f"retrieval.overfetch={r.overfetch} and the model's k={request.k} (its "

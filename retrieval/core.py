@@ -10,8 +10,9 @@ result container.
 Retrieval over-fetches `k * overfetch` chunks and drops those of the query's documents (by
 doc-id string, so it works across splits and corpora), keeping the best k; rows with fewer
 than k survivors are filled with id -1 (all-padding tokens, worst distance). A retrieved
-chunk is materialised as `length` tokens from its start; tokens of any other document
-(past the document's end) are 0.
+chunk is materialised as `length` tokens from its start (or from the shift that aligns it
+with its query: `align_offsets`); tokens of any other document (past the document's end)
+are 0.
 
 `Retrieved` holds a committed neighbours/candidates artifact (per split, memory-mapped);
 `load_retrieved` opens one after checking its manifest.
@@ -89,21 +90,58 @@ def retrieve(index, queries_QxE: np.ndarray, docs_QxJ: np.ndarray, chunk_doc_N: 
 
 
 def chunk_windows(tokens_T: np.ndarray, token_doc_T: np.ndarray, ids_QxK: np.ndarray,
-                  chunk_size: int, length: int) -> np.ndarray:
+                  chunk_size: int, length: int, queries_QxM: np.ndarray | None = None
+                  ) -> np.ndarray:
   """int32 [Q, K, length]: `length` tokens from the start of each chunk id (-1: all 0).
 
   Tokens of a document other than the chunk's own (its first token's), or past the end of
-  the stream, are 0: a neighbour never runs on into the next document.
+  the stream, are 0: a neighbour never runs on into the next document. With `queries_QxM`
+  (the query chunk of each row, m = chunk_size tokens), each window starts at the shift
+  `align_offsets` picks instead, so its continuation lines up with the query's.
   """
   live_QxK = ids_QxK >= 0
-  start_QxK = np.where(live_QxK, ids_QxK, 0).astype(np.int64) * chunk_size
+  chunk_QxK = np.where(live_QxK, ids_QxK, 0).astype(np.int64) * chunk_size
+  own_QxKx1 = np.asarray(token_doc_T[chunk_QxK])[..., None]
+  start_QxK = chunk_QxK
+  if queries_QxM is not None:
+    start_QxK = chunk_QxK + align_offsets(tokens_T, token_doc_T, chunk_QxK, queries_QxM)
   pos_QxKxR = start_QxK[..., None] + np.arange(length)
   inside_QxKxR = pos_QxKxR < len(tokens_T)
   pos_QxKxR = np.minimum(pos_QxKxR, len(tokens_T) - 1)
-  own_QxKx1 = np.asarray(token_doc_T[start_QxK])[..., None]
   same_QxKxR = np.asarray(token_doc_T[pos_QxKxR]) == own_QxKx1
   keep_QxKxR = inside_QxKxR & same_QxKxR & live_QxK[..., None]
   return np.where(keep_QxKxR, np.asarray(tokens_T[pos_QxKxR]), 0).astype(np.int32)
+
+
+def align_offsets(tokens_T: np.ndarray, token_doc_T: np.ndarray, start_QxK: np.ndarray,
+                  queries_QxM: np.ndarray) -> np.ndarray:
+  """int64 [Q, K] shifts in (-m, m) that line each retrieved chunk up with its query.
+
+  A chunk retrieved for query chunk q usually holds q's passage at some offset (another
+  edition, a repeated speech). Shift d scores the positions i where the stream token at
+  start + d + i (in the chunk's document) equals q_i (not padding), weighted by i + 1 so
+  the tokens nearest the continuation count most; the best score wins, ties go to the
+  smallest |d|, and a chunk that matches nowhere keeps d = 0. Neighbours whose
+  continuation is aligned with the query's own are what RETRO's cross-attention learns to
+  copy from fastest: the read position is then fixed, not found by content.
+  """
+  Q, M = queries_QxM.shape
+  q_Qx1xM = np.asarray(queries_QxM)[:, None, :]
+  weight_M = np.arange(1, M + 1, dtype=np.float32)
+  own_QxKx1 = np.asarray(token_doc_T[start_QxK])[..., None]
+  best_QxK = np.zeros(start_QxK.shape, np.float32)
+  shift_QxK = np.zeros(start_QxK.shape, np.int64)
+  for d in sorted(range(-M + 1, M), key=abs):
+    pos_QxKxM = start_QxK[..., None] + d + np.arange(M)
+    ok_QxKxM = (pos_QxKxM >= 0) & (pos_QxKxM < len(tokens_T))
+    pos_QxKxM = np.clip(pos_QxKxM, 0, len(tokens_T) - 1)
+    hit_QxKxM = (ok_QxKxM & (np.asarray(tokens_T[pos_QxKxM]) == q_Qx1xM) & (q_Qx1xM != 0)
+                 & (np.asarray(token_doc_T[pos_QxKxM]) == own_QxKx1))
+    score_QxK = hit_QxKxM.astype(np.float32) @ weight_M
+    better_QxK = score_QxK > best_QxK
+    best_QxK = np.where(better_QxK, score_QxK, best_QxK)
+    shift_QxK = np.where(better_QxK, d, shift_QxK)
+  return shift_QxK
 
 
 @dataclasses.dataclass(frozen=True)

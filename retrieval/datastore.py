@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -68,9 +68,11 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
   docs = corpora.load_corpus(spec, d.cache_dir, d.max_documents)
   dropped: list[str] = []
   if config.retrieval.datastore_drop_heldout:
-    docs, dropped = drop_heldout(docs, prepared.validation.doc_ids)
+    heldout = [i for name in prepared.names if name != "train"
+               for i in prepared.split(name).doc_ids]
+    docs, dropped = drop_heldout(docs, heldout)
     if not docs:
-      raise UserError(f"every document of datastore {spec!r} matches a validation document "
+      raise UserError(f"every document of datastore {spec!r} matches a held-out document "
                       f"by name; set --config.retrieval.datastore_drop_heldout=False or use "
                       f"another datastore")
     spec = f"{spec} (without {len(dropped)} held-out)"
@@ -104,6 +106,33 @@ def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]
     else:
       kept.append(doc)
   return kept, dropped
+
+
+def leakage(store: dataset.TokenSplit, split: dataset.TokenSplit) -> dict[str, object]:
+  """What of `split` (an evaluated split) the datastore `store` holds verbatim: the doc ids
+  they share, and how many of the split's chunks (m tokens, no padding) occur as a chunk of
+  the datastore's stream at any offset. Another edition (`folio/othello` for
+  `shakespeare/othello`) shares neither; the evaluated text itself shares both."""
+  m = split.chunk_size
+  shared = sorted(set(store.doc_ids) & set(split.doc_ids))
+  tokens = np.asarray(store.tokens, np.int64)
+  if len(tokens) < m or split.num_chunks == 0:
+    return {"shared_doc_ids": shared, "verbatim_chunks": 0, "chunks": split.num_chunks}
+  # Polynomial hash (wrapping mod 2^64) of every m-token window of the datastore's stream,
+  # and of the split's chunks: equal windows have equal hashes.
+  def hashes(rows_NxM_view: Callable[[int], np.ndarray], n: int) -> np.ndarray:
+    h_N = np.zeros(n, np.uint64)
+    for j in range(m):
+      h_N = h_N * np.uint64(1_000_003) + rows_NxM_view(j).astype(np.uint64)
+    return h_N
+
+  n = len(tokens) - m + 1
+  store_hashes = np.unique(hashes(lambda j: tokens[j:j + n], n))
+  chunks_NxM = np.asarray(split.chunk_tokens(), np.int64)
+  chunk_hashes = hashes(lambda j: chunks_NxM[:, j], len(chunks_NxM))
+  return {"shared_doc_ids": shared,
+          "verbatim_chunks": int(np.isin(chunk_hashes, store_hashes).sum()),
+          "chunks": int(len(chunks_NxM))}
 
 
 def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokenizer, name: str

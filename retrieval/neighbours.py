@@ -8,7 +8,8 @@ A request (`models.family.RetrievalSpec`, kind "neighbours") carries (k, length,
 query_len). A sequence of length L has W = L / stride query windows: window i is the tokens
 [(i+1)*stride - query_len, (i+1)*stride) of the sequence, clipped at the sequence start
 (a shorter query). Its K neighbours are datastore chunks, each materialised as `length`
-tokens from the chunk's start (`core.chunk_windows`):
+tokens from the chunk's start, or with `align` from the shift that lines the chunk up with
+the window's last m tokens (`core.chunk_windows`, `core.align_offsets`):
 
     neighbours int32 [S, W, K, length], neighbour_ids int64 [S, W, K] (-1 = none),
     neighbour_dists float32 [S, W, K]
@@ -125,9 +126,18 @@ def queries(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
   return emb_SxWxE.reshape(-1, emb_SxWxE.shape[-1])
 
 
+def query_tokens(tokens_T: np.ndarray, first_Q: np.ndarray, end_Q: np.ndarray, m: int
+                 ) -> np.ndarray:
+  """int32 [Q, m]: the last m tokens of each query window, left-padded with 0 where the
+  window (clipped at its sequence start) is shorter: what `core.align_offsets` matches."""
+  pos_QxM = end_Q[:, None] - m + np.arange(m)
+  keep_QxM = pos_QxM >= first_Q[:, None]
+  return np.where(keep_QxM, np.asarray(tokens_T[np.maximum(pos_QxM, 0)]), 0).astype(np.int32)
+
+
 def neighbours_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSplit,
                      store: dataset.TokenSplit, index, request: family.RetrievalSpec,
-                     overfetch: int, metric: str,
+                     overfetch: int, metric: str, align: bool = False,
                      timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
   """Neighbours of every query window of every sequence of `split` (resumable: shards.py).
 
@@ -137,6 +147,8 @@ def neighbours_split(directory: Path, queries_NxE: np.ndarray, split: dataset.To
       for RETRO the split's chunk embeddings).
     split: the query split; store: the datastore (the chunk table `index` was built on).
     request: k, length, stride, query_len (see the module docstring).
+    align: start each neighbour at the shift that lines it up with its query window's last
+      chunk (`core.align_offsets`; `retrieval.align_neighbours`).
     timings: if given, seconds spent searching and materialising are added to it.
   """
   k, R, stride = request.k, request.length, request.stride
@@ -157,7 +169,9 @@ def neighbours_split(directory: Path, queries_NxE: np.ndarray, split: dataset.To
         core.query_docs(split.token_doc, codes_D, first_Q, end_Q + stride), chunk_doc_N, k,
         overfetch, metric)
     t1 = time.perf_counter()
-    nbr_QxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_QxK, store.chunk_size, R)
+    m = store.chunk_size
+    query_QxM = query_tokens(split.tokens, first_Q, end_Q, m) if align else None
+    nbr_QxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_QxK, m, R, query_QxM)
     timings["search_s"] = timings.get("search_s", 0.0) + t1 - t0
     timings["materialise_s"] = timings.get("materialise_s", 0.0) + time.perf_counter() - t1
     S = s1 - s0
@@ -177,4 +191,4 @@ def search(config: ml_collections.ConfigDict, request: family.RetrievalSpec, dir
   """The builder's search step (build.py): `neighbours_split` with the config's settings."""
   r = config.retrieval
   return neighbours_split(directory, queries_NxE, split, store.split, index, request,
-                          r.overfetch, r.metric, timings)
+                          r.overfetch, r.metric, r.align_neighbours, timings)

@@ -1,22 +1,28 @@
-"""Reproducible results table: `python scripts/results.py [--quick] [--out results]`.
+"""The results protocol: `python scripts/results.py [--quick] [--out results] [--until STAGE]`.
 
-Trains baseline_small, retro_small, retro_folio and realm_small (frozen and refreshed index)
-on the default corpus with the same decoder, tokens and seed; evaluates on the held-out plays:
-- baseline vs RETRO with retrieval vs the same RETRO checkpoint without retrieval;
-- RETRO with the First Folio datastore (which also holds the held-out plays: leakage);
-- RETRO trained with the Folio editions of the training plays as datastore (it learns to
-  copy), evaluated without and with the Folio editions of the held-out plays (overlap);
-- what the neighbours hold: the share of the next chunk's tokens they contain that the
-  decoder's context lacks, against shuffled neighbours;
-- kNN-LM on the baseline checkpoint: lambda sweep, exact vs approximate distances;
-- REALM reader: k=1 vs k=4 marginal; frozen vs refreshed index.
-Writes `<out>/RESULTS.md`, `<out>/results.json` and `<out>/perplexity.png`. Runs resume:
-rerunning continues from the checkpoints already in `<out>/runs/`.
+One tuned recipe for every model, 3 seeds, hyperparameters chosen on validation and numbers
+reported on the test split (held-out documents distinct from validation), every model
+scored on the same target tokens (`eval.score_from`: the targets after REALM's query chunk):
+1. a learning-rate sweep of the baseline (seed 0) picks the recipe's learning rate;
+2. per seed: the baseline (`steps`), RETRO from scratch with the training-split datastore
+   (`steps`), and from the baseline's checkpoint, for `extra_steps` more: the baseline
+   continued (the like-for-like reference), RETRO-fitting on the First Folio editions of the
+   training plays (decoder frozen), and the REALM reader (frozen index; seed 0 also with a
+   refreshed index);
+3. evaluations on validation and test (cached one file each): RETRO with retrieval on and
+   off; the RETRO-fitted model with the Folio datastore holding the held-out plays' Folio
+   editions (related text, never the evaluated modern text), without them, and off; kNN-LM
+   on the baseline with (lambda, temperature) chosen on validation; REALM with k=1 and k=4;
+   retrieval on vs off over training (seed 0 checkpoints).
+Writes `<out>/RESULTS.md`, `<out>/results.json` and the plots (scripts/report.py). Every
+part resumes: training from its checkpoints, evaluations from `<out>/evals/`. Each part (one
+model, one seed) takes well under 2 hours on 2 cores, so the run can span several sittings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,232 +32,223 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configs  # noqa: E402
-from common.errors import cli_main  # noqa: E402
+import report  # noqa: E402  (scripts/report.py)
+from common.artifacts import atomic_write_text  # noqa: E402
+from common.errors import UserError, cli_main  # noqa: E402
 from data import dataset  # noqa: E402
-from retrieval import build, coverage  # noqa: E402
+from retrieval import datastore  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from training.loop import train_and_evaluate  # noqa: E402
 
+FOLIO = "shakespeare_folio"
 KNN_TEMPERATURES = (1.0, 5.0, 20.0)
+STAGES = ("sweep", "train", "eval", "report")
 
 
-def runs(quick: bool, steps: int | None, realm_steps: int | None) -> dict[str, tuple]:
-  """Run name -> (config, overrides). REALM reads K+1 candidate-prefixed copies of every
-  sequence (about 7x the compute of a step of the baseline), so it trains `realm_steps`
-  steps and is compared with the baseline's checkpoint at that step (same tokens seen)."""
-  steps = steps or (40 if quick else None)
-  realm_steps = realm_steps or (8 if quick else 100)
-  common = [f"train.steps={steps}"] if steps else []
-  if quick:
-    common += ["train.warmup_steps=5", "train.eval_every=1000", "eval.batches=4"]
-  realm = [f"train.warmup_steps={max(1, realm_steps // 10)}", f"train.steps={realm_steps}",
-           f"train.checkpoint_every={realm_steps}", "train.eval_every=1000"]
-  if quick:
-    realm += ["eval.batches=4"]
-  return {
-      "baseline": ("baseline_small", [*common, f"train.checkpoint_every={realm_steps}",
-                                      "train.keep_checkpoints=1000"]),
-      "retro": ("retro_small", common),
-      "retro_folio": ("retro_folio", common),
-      "realm_frozen": ("realm_small", [*realm, "retrieval.refresh_every=0"]),
-      "realm_refreshed": ("realm_small", [*realm,
-                                          f"retrieval.refresh_every={max(1, realm_steps // 4)}"]),
-  }
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """The schedule every model shares (its numbers live here only)."""
+  steps: int  # baseline and RETRO from scratch
+  extra_steps: int  # continued baseline, RETRO-fitting and REALM, from the baseline
+  learning_rates: tuple[float, ...]  # swept on the baseline, seed 0
+  seeds: tuple[int, ...]
+  eval_batches: int  # 0 = the whole split
+  curve_batches: int  # validation batches of the evaluations during training
+  score_from: int = 63  # chunk_size - 1: REALM's query chunk is never scored
+
+  def common(self, seed: int, lr: float) -> list[str]:
+    return [f"seed={seed}", f"train.learning_rate={lr}", f"eval.score_from={self.score_from}",
+            f"eval.batches={self.curve_batches}"]
+
+  def schedule(self, steps: int, evals: int = 4) -> list[str]:
+    every = max(1, steps // evals)
+    return [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
+            f"train.eval_every={every}", f"train.checkpoint_every={every}",
+            "train.keep_checkpoints=100"]
 
 
-def run_all(out: Path, quick: bool, steps: int | None, realm_steps: int | None
-            ) -> dict[str, Any]:
-  """Trains (or resumes) every run and evaluates every variant; returns the rows."""
-  plan = runs(quick, steps, realm_steps)
-  rows: dict[str, Any] = {"seconds": {}}
-  for run, (name, overrides) in plan.items():
+FULL = Recipe(steps=400, extra_steps=150, learning_rates=(1e-3, 3e-3, 6e-3), seeds=(0, 1, 2),
+              eval_batches=0, curve_batches=10)
+QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), seeds=(0,), eval_batches=4,
+               curve_batches=2)
+
+
+class Runner:
+  """Trains runs and evaluates checkpoints under `out`, skipping whatever is done."""
+
+  def __init__(self, out: Path, recipe: Recipe):
+    self.out, self.recipe = out, recipe
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    self.seconds: dict[str, float] = {}
+
+  def train(self, run: str, name: str, overrides: list[str]) -> Path:
+    workdir = self.out / "runs" / run
+    if not (workdir / "final_metrics.json").exists():
+      start = time.perf_counter()
+      final = train_and_evaluate(configs.load(name, overrides), str(workdir))
+      if final.get("stopped"):  # SIGTERM / Ctrl-C: the run saved its step; stop here too
+        print(f"results: run {run!r} stopped ({final['stopped']}); rerun the same command to "
+              f"resume", flush=True)
+        raise SystemExit(0)
+      self.seconds[f"train/{run}"] = round(time.perf_counter() - start, 1)
+    return workdir
+
+  def eval(self, key: str, workdir: Path, **kwargs: Any) -> dict[str, Any]:
+    path = self.out / "evals" / (key.replace("/", "__") + ".json")
+    if path.exists():
+      return json.loads(path.read_text())
     start = time.perf_counter()
-    final = train_and_evaluate(configs.load(name, overrides), str(out / "runs" / run))
-    if final.get("stopped"):  # SIGTERM / Ctrl-C: the run saved its step; so stop here too
-      print(f"results: run {run!r} stopped ({final['stopped']}); rerun the same command to "
-            f"resume", flush=True)
-      raise SystemExit(0)
-    rows["seconds"][f"train_{run}"] = round(time.perf_counter() - start, 1)
-  d = out / "runs"
-  batches = 4 if quick else None
-  realm_step = configs.load(*plan["realm_frozen"]).train.steps
+    batches = self.recipe.eval_batches
+    result = evaluate(workdir, batches=batches, write=False,
+                      overrides=[f"eval.score_from={self.recipe.score_from}"], **kwargs)
+    result = {k: v for k, v in result.items() if _jsonable(v)}
+    self.seconds[f"eval/{key}"] = round(time.perf_counter() - start, 1)
+    atomic_write_text(path, json.dumps(result, indent=1))
+    return result
 
-  def ev(key: str, workdir: Path, **kwargs: Any) -> None:
-    start = time.perf_counter()
-    rows[key] = evaluate(workdir, batches=batches, write=False, **kwargs)
-    rows["seconds"][f"eval_{key}"] = round(time.perf_counter() - start, 1)
 
-  ev("baseline", d / "baseline")
-  ev("baseline_at_realm_steps", d / "baseline", step=realm_step)
-  ev("retro", d / "retro")
-  ev("retro_off", d / "retro", retrieval=False)
-  ev("retro_folio", d / "retro", datastore="shakespeare_folio")
-  ev("retro_copy", d / "retro_folio")
-  ev("retro_copy_off", d / "retro_folio", retrieval=False)
-  ev("retro_copy_leak", d / "retro_folio", drop_heldout=False)
-  for temperature in KNN_TEMPERATURES:
-    ev(f"knnlm_T{temperature:g}", d / "baseline", knn={"temperature": temperature})
-  for run in ("realm_frozen", "realm_refreshed"):
-    for k in (1, 4):
-      ev(f"{run}_k{k}", d / run, k=k)
-  start = time.perf_counter()
-  rows["coverage"] = neighbour_coverage()
-  rows["seconds"]["coverage"] = round(time.perf_counter() - start, 1)
+def _jsonable(value: Any) -> bool:
+  try:
+    json.dumps(value)
+    return True
+  except TypeError:
+    return False
+
+
+def sweep(runner: Runner) -> dict[str, Any]:
+  """The baseline at every swept learning rate (seed 0); the best on validation wins."""
+  r = runner.recipe
+  out = {}
+  for lr in r.learning_rates:
+    workdir = runner.train(f"baseline_lr{lr:g}_s0", "baseline_small",
+                           r.common(0, lr) + r.schedule(r.steps))
+    out[f"{lr:g}"] = runner.eval(f"sweep/{lr:g}", workdir, split="validation")["perplexity"]
+  best = min(out, key=out.get)
+  return {"perplexity": out, "learning_rate": float(best)}
+
+
+def train_all(runner: Runner, lr: float) -> dict[str, dict[int, Path]]:
+  """Every run of every seed (in seed order, so seed 0's rows are complete first)."""
+  r = runner.recipe
+  runs: dict[str, dict[int, Path]] = {}
+  for seed in r.seeds:
+    common = r.common(seed, lr)
+    base = runner.train(f"baseline_lr{lr:g}_s{seed}", "baseline_small",
+                        common + r.schedule(r.steps))
+    warm = common + [f"train.init_from={base}"] + r.schedule(r.extra_steps, evals=3)
+    plan = {
+        "base": ("baseline_small", common + r.schedule(r.steps), base),
+        "cont": ("baseline_small", warm, None),
+        "fit": ("retro_fit", warm + [f"retrieval.datastore={FOLIO}",
+                                     "retrieval.datastore_drop_heldout=True"], None),
+        "retro": ("retro_small", common + r.schedule(r.steps), None),
+        "realm": ("realm_small", warm + ["retrieval.refresh_every=0"], None),
+    }
+    if seed == r.seeds[0]:
+      plan["realm_refreshed"] = ("realm_small", warm + [
+          f"retrieval.refresh_every={max(1, r.extra_steps // 3)}"], None)
+    for run, (name, overrides, done) in plan.items():
+      runs.setdefault(run, {})[seed] = done or runner.train(f"{run}_s{seed}", name, overrides)
+  return runs
+
+
+def evaluate_all(runner: Runner, runs: dict[str, dict[int, Path]]) -> dict[str, Any]:
+  """Every evaluation of the protocol: key "<row>/<seed>/<split>" -> evaluate()'s result."""
+  rows: dict[str, Any] = {}
+  for split in ("validation", "test"):
+    for seed in runner.recipe.seeds:
+      def ev(row: str, run: str, **kwargs: Any) -> None:
+        key = f"{row}/{seed}/{split}"
+        rows[key] = runner.eval(key, runs[run][seed], split=split, **kwargs)
+      ev("base", "base")
+      ev("cont", "cont")
+      ev("retro", "retro")
+      ev("retro_off", "retro", retrieval=False)
+      ev("fit_related", "fit", datastore=FOLIO, drop_heldout=False)
+      ev("fit_unrelated", "fit")
+      ev("fit_off", "fit", retrieval=False)
+      for k in (1, 4):
+        ev(f"realm_k{k}", "realm", k=k)
+        if seed in runs["realm_refreshed"]:
+          ev(f"realm_refreshed_k{k}", "realm_refreshed", k=k)
+  rows.update(knn_rows(runner, runs["base"]))
+  rows.update(curves(runner, runs))
   return rows
 
 
-# Datastores whose RETRO neighbours are analysed: label -> (config, overrides).
-DATASTORES = {
-    "training split (retro_small)": ("retro_small", []),
-    "Folio of the training plays (retro_folio)": ("retro_folio", []),
-    "Folio with the held-out plays (leakage)": ("retro_folio",
-                                                ["retrieval.datastore_drop_heldout=False"]),
-}
+def knn_rows(runner: Runner, bases: dict[int, Path]) -> dict[str, Any]:
+  """kNN-LM on each seed's baseline: (lambda, T) with the lowest validation perplexity,
+  then the test perplexity at exactly that (lambda, T)."""
+  rows = {}
+  for seed, base in bases.items():
+    val = {t: runner.eval(f"knn_T{t:g}/{seed}/validation", base, split="validation",
+                          knn={"temperature": t})["knn"] for t in KNN_TEMPERATURES}
+    best_t = min(val, key=lambda t: val[t]["best_perplexity"])
+    lam = val[best_t]["best_lam"]
+    test = runner.eval(f"knn_T{best_t:g}/{seed}/test", base, split="test",
+                       knn={"temperature": best_t, "lam": lam})["knn"]
+    at = next(s for s in test["sweep"] if s["lam"] == lam)
+    rows[f"knn/{seed}/validation"] = {"perplexity": val[best_t]["best_perplexity"],
+                                      "lam": lam, "temperature": best_t, "sweeps": val}
+    rows[f"knn/{seed}/test"] = {"perplexity": at["perplexity_approximate"],
+                                "perplexity_exact": at["perplexity_exact"], "lam": lam,
+                                "temperature": best_t, "lm_perplexity": test["lm_perplexity"]}
+  return rows
 
 
-def neighbour_coverage() -> dict[str, dict[str, float]]:
-  """Per datastore and split: `coverage.continuation_coverage` of the retrieved and of
-  shuffled neighbours (the artifacts are the ones the runs and evaluations built)."""
+def curves(runner: Runner, runs: dict[str, dict[int, Path]]) -> dict[str, Any]:
+  """Retrieval on vs off at every kept checkpoint of seed 0's RETRO-fitting (with the
+  related Folio datastore) and RETRO from scratch, on validation."""
+  seed = runner.recipe.seeds[0]
   out = {}
-  for label, (name, overrides) in DATASTORES.items():
-    config = configs.load(name, overrides)
-    prepared = dataset.prepare(config)
-    arrays = build.build_retrieval(config, prepared, build.retrieval_request(config)).arrays
-    row = {}
-    for split in dataset.SPLITS:
-      part, nbr = prepared.split(split), arrays[split]["neighbours"]
-      for kind, n in (("retrieved", nbr), ("shuffled", coverage.shuffled(nbr))):
-        cov = coverage.continuation_coverage(part.tokens, n, part.seq_len, part.chunk_size)
-        row.update({f"{split}/{kind}/{key}": value for key, value in cov.items()})
-    out[label] = row
+  for run, kwargs in (("fit", {"datastore": FOLIO, "drop_heldout": False}), ("retro", {})):
+    workdir = runs[run][seed]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    for step in steps:
+      for mode, on in (("on", True), ("off", False)):
+        key = f"curve_{run}_{mode}/{step}/validation"
+        out[key] = runner.eval(key, workdir, split="validation", step=step, retrieval=on,
+                               **(kwargs if on else {}))
   return out
 
 
-def best_knn(rows: dict[str, Any]) -> dict[str, Any]:
-  """The kNN-LM evaluation (temperature) with the lowest perplexity over the lambda sweep."""
-  return min((rows[f"knnlm_T{t:g}"]["knn"] for t in KNN_TEMPERATURES),
-             key=lambda knn: knn["best_perplexity"])
+# Datastores of reported rows: label -> (retrieval.datastore, datastore_drop_heldout).
+DATASTORES = {"training split": ("", False),
+              "First Folio with the held-out plays' editions": (FOLIO, False),
+              "First Folio without them": (FOLIO, True)}
 
 
-def targets(rows: dict[str, Any]) -> list[tuple[str, float, bool]]:
-  """(target, measured change in %, met) for the three targets of the results issue."""
-  base = rows["baseline"]["perplexity"]
-  retro = 100 * (rows["retro"]["perplexity"] / base - 1)
-  knn = best_knn(rows)
-  knn_gain = 100 * (knn["best_perplexity"] / knn["lm_perplexity"] - 1)
-  copy = 100 * (rows["retro_copy"]["perplexity"] / base - 1)
-  out = [("RETRO >= 10% lower perplexity than the baseline", retro, retro <= -10.0),
-         ("RETRO trained to copy (Folio, held-out plays dropped): >= 10% lower", copy,
-          copy <= -10.0),
-         ("kNN-LM >= 5% lower perplexity than its base LM", knn_gain, knn_gain <= -5.0)]
-  for run in ("realm_frozen", "realm_refreshed"):
-    k1, k4 = rows[f"{run}_k1"]["perplexity"], rows[f"{run}_k4"]["perplexity"]
-    change = 100 * (k4 / k1 - 1)
-    out.append((f"REALM ({run.split('_')[1]} index): k=4 marginal better than k=1", change,
-                change < 0))
+def leakage() -> dict[str, Any]:
+  """Each reported datastore against the test split: shared document ids and test chunks
+  held verbatim. UserError if either is non-zero: that would be copying the answer."""
+  prepared = dataset.prepare(configs.load("retro_small"))
+  out = {}
+  for label, (spec, drop) in DATASTORES.items():
+    config = configs.load("retro_small", [f"retrieval.datastore={spec}",
+                                          f"retrieval.datastore_drop_heldout={drop}"])
+    store = datastore.load_datastore(config, prepared).split
+    out[label] = found = datastore.leakage(store, prepared.split("test"))
+    if found["shared_doc_ids"] or found["verbatim_chunks"]:
+      raise UserError(f"datastore {label!r} holds test text ({found}); a reported row must "
+                      f"never retrieve the evaluated text itself")
   return out
 
 
-def table(rows: dict[str, Any]) -> str:
-  """The Markdown of RESULTS.md: main table, targets, kNN-LM sweep."""
-  base = rows["baseline"]["perplexity"]
-  base_r = rows["baseline_at_realm_steps"]
-  knn = best_knn(rows)
-  lines = ["| model | steps | validation perplexity | vs baseline at the same step |",
-           "|---|---|---|---|"]
-
-  def add(label: str, row: dict[str, Any], ppl: float, ref: float) -> None:
-    lines.append(f"| {label} | {row['step']} | {ppl:.2f} | {100 * (ppl / ref - 1):+.1f}% |")
-
-  add("baseline decoder (no retrieval)", rows["baseline"], base, base)
-  add("RETRO, retrieval on (train-split datastore)", rows["retro"],
-      rows["retro"]["perplexity"], base)
-  add("RETRO, same checkpoint, retrieval off", rows["retro_off"],
-      rows["retro_off"]["perplexity"], base)
-  add("RETRO, First Folio datastore (holds the validation plays: leakage)",
-      rows["retro_folio"], rows["retro_folio"]["perplexity"], base)
-  for key, label in (("retro_copy", "RETRO trained to copy: Folio of the training plays "
-                                    "(held-out plays dropped)"),
-                     ("retro_copy_off", "RETRO trained to copy, same checkpoint, retrieval off"),
-                     ("retro_copy_leak", "RETRO trained to copy, Folio with the held-out plays "
-                                         "(leakage)")):
-    add(label, rows[key], rows[key]["perplexity"], base)
-  add(f"kNN-LM on the baseline, λ={knn['best_lam']}, k={knn['k']}, "
-      f"T={knn['temperature']:g}", rows["baseline"], knn["best_perplexity"], base)
-  add("baseline decoder", base_r, base_r["perplexity"], base_r["perplexity"])
-  for run, label in (("realm_frozen", "frozen index"), ("realm_refreshed", "refreshed index")):
-    for k in (1, 4):
-      row = rows[f"{run}_k{k}"]
-      add(f"REALM reader, {label}, k={k} (+ null document)", row, row["perplexity"],
-          base_r["perplexity"])
-  lines += ["", "RETRO trained to copy: its training chunks find the same passage in the "
-            "Folio's spelling, so reading the neighbours pays during training (see \"What the "
-            "neighbours hold\" below); the Folio editions of the held-out plays (3 of the 5 "
-            "held-out works; the poems have none) are dropped from its datastore unless the "
-            "row says leakage.",
-            "", "REALM perplexity covers the targets after the first 64-token chunk (the "
-            "query) only, so its comparison with the baseline is indicative; k=1 vs k=4 is "
-            "exact. REALM trains fewer steps (each reads K+1 candidate-prefixed copies of "
-            "the sequence) and is compared with the baseline's checkpoint at that step.",
-            "", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-  for name, change, met in targets(rows):
-    lines.append(f"| {name} | {change:+.1f}% | {'yes' if met else 'no'} |")
-  lines += ["", f"## kNN-LM λ sweep (k={knn['k']}, T={knn['temperature']:g}, "
-            f"{knn['datastore_size']:,} datastore entries)", "",
-            "| λ | perplexity (approximate distances) | perplexity (exact distances) |",
-            "|---|---|---|"]
-  for s in knn["sweep"]:
-    lines.append(f"| {s['lam']} | {s['perplexity_approximate']:.2f} | "
-                 f"{s['perplexity_exact']:.2f} |")
-  lines += ["", "Best λ over temperatures: " + ", ".join(
-      f"T={t:g}: {rows[f'knnlm_T{t:g}']['knn']['best_perplexity']:.2f} "
-      f"(λ={rows[f'knnlm_T{t:g}']['knn']['best_lam']})" for t in KNN_TEMPERATURES) + "."]
-  lines += ["", "## What the neighbours hold", "",
-            "Share of the tokens of chunk c+1 found in chunk c's K neighbours and nowhere "
-            "earlier in the decoder's sequence (what retrieval can add), for the retrieved "
-            "neighbours and for the same neighbour lists given to random chunks "
-            "(`retrieval/coverage.py`):", "",
-            "| datastore | validation: retrieved | validation: shuffled | "
-            "training: retrieved | training: shuffled |", "|---|---|---|---|---|"]
-  for label, cov in rows["coverage"].items():
-    lines.append(f"| {label} | " + " | ".join(
-        f"{100 * cov[f'{split}/{kind}/new']:.1f}%" for split in ("validation", "train")
-        for kind in ("retrieved", "shuffled")) + " |")
-  return "\n".join(lines)
-
-
-def plot(rows: dict[str, Any], path: Path) -> None:
-  """Bar chart of every variant's validation perplexity, and the kNN-LM lambda sweep."""
-  from matplotlib.figure import Figure
-
-  bars = {"baseline": rows["baseline"]["perplexity"],
-          "RETRO": rows["retro"]["perplexity"],
-          "RETRO, retrieval off": rows["retro_off"]["perplexity"],
-          "RETRO, Folio datastore": rows["retro_folio"]["perplexity"],
-          "RETRO copy-trained": rows["retro_copy"]["perplexity"],
-          "RETRO copy-trained, off": rows["retro_copy_off"]["perplexity"],
-          "RETRO copy-trained, leakage": rows["retro_copy_leak"]["perplexity"],
-          "kNN-LM (best λ)": best_knn(rows)["best_perplexity"],
-          "baseline @REALM steps": rows["baseline_at_realm_steps"]["perplexity"]}
-  for run in ("realm_frozen", "realm_refreshed"):
-    for k in (1, 4):
-      bars[f"REALM {run.split('_')[1]} k={k}"] = rows[f"{run}_k{k}"]["perplexity"]
-  fig = Figure(figsize=(12, 4.5), dpi=100)
-  ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-  ax.bar(range(len(bars)), list(bars.values()), color="tab:blue")
-  ax.set_xticks(range(len(bars)), list(bars), rotation=35, ha="right")
-  ax.set_ylabel("validation perplexity")
-  ax.set_title("Held-out Shakespeare plays")
-  for t in KNN_TEMPERATURES:
-    sweep = rows[f"knnlm_T{t:g}"]["knn"]["sweep"]
-    ax2.plot([s["lam"] for s in sweep], [s["perplexity_approximate"] for s in sweep],
-             marker="o", label=f"T={t:g}")
-  ax2.set_xlabel("λ")
-  ax2.set_ylabel("kNN-LM validation perplexity")
-  ax2.set_title("kNN-LM interpolation")
-  ax2.legend()
-  fig.tight_layout()
-  fig.savefig(path)
+def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
+  runner = Runner(out, recipe)
+  rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
+  rows["sweep"] = sweep(runner)
+  if STAGES.index(until) >= STAGES.index("train"):
+    runs = train_all(runner, rows["sweep"]["learning_rate"])
+    rows["runs"] = {run: {s: str(p) for s, p in by_seed.items()} for run, by_seed in runs.items()}
+    if STAGES.index(until) >= STAGES.index("eval"):
+      rows["evals"] = evaluate_all(runner, runs)
+  rows["seconds"] = runner.seconds
+  atomic_write_text(out / "results.json", json.dumps(rows, indent=1, default=str))
+  if until == "report":
+    md = report.write(rows, out)
+    print(md)
+  return rows
 
 
 @cli_main
@@ -259,19 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default="results", help="output folder (default results/)")
   p.add_argument("--quick", action="store_true",
-                 help="40 steps (REALM 8), 4 eval batches: the shortened re-run")
-  p.add_argument("--steps", type=int, default=None, help="train.steps of baseline and RETRO")
-  p.add_argument("--realm-steps", type=int, default=None, help="train.steps of REALM runs")
+                 help=f"the shortened re-run: {QUICK.steps} + {QUICK.extra_steps} steps, one "
+                      f"seed, {QUICK.eval_batches} evaluation batches")
+  p.add_argument("--until", choices=STAGES, default="report",
+                 help="stop after this stage (e.g. train: only the runs, for a sitting)")
   args = p.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  rows = run_all(out, args.quick, args.steps, args.realm_steps)
-  (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-  md = table(rows)
-  (out / "RESULTS.md").write_text("# Results\n\n" + md + "\n")
-  plot(rows, out / "perplexity.png")
-  print(md)
-  return rows
+  return run(out, QUICK if args.quick else FULL, args.until)
 
 
 if __name__ == "__main__":

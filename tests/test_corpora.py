@@ -87,6 +87,21 @@ def test_split_is_disjoint_complete_and_deterministic():
   assert {d.doc_id for d in corpora.split_documents(docs, 0.2, seed=1)["validation"]} != val
 
 
+def test_test_split_is_held_out_after_validation():
+  """The test documents come after validation's in the ranking: adding a test split leaves
+  validation as it was, and the three splits partition the corpus."""
+  docs = [Document(f"doc{i}", "text") for i in range(40)]
+  two = corpora.split_documents(docs, 0.1, seed=0)
+  three = corpora.split_documents(docs, 0.1, seed=0, test_fraction=0.2)
+  assert list(two) == ["train", "validation"] and list(three) == ["train", "validation", "test"]
+  assert three["validation"] == two["validation"] and len(three["test"]) == 8
+  ids = [{d.doc_id for d in part} for part in three.values()]
+  assert sum(map(len, ids)) == 40 and set().union(*ids) == {d.doc_id for d in docs}
+  assert all(corpora.split_documents(docs[:3], 0.01, 0, 0.01).values())
+  with pytest.raises(UserError, match="no training documents"):
+    corpora.split_documents(docs, 0.5, 0, test_fraction=0.5)
+
+
 @pytest.mark.parametrize("n,fraction", [(2, 0.0), (2, 0.9), (3, 0.01), (5, 0.99)])
 def test_split_keeps_one_document_on_each_side(n, fraction):
   parts = corpora.split_documents([Document(f"d{i}", "t") for i in range(n)], fraction, 3)

@@ -48,9 +48,11 @@ def test_streams_pack_documents_with_eos(setup):
   overrides, prep = setup
   docs = corpora.load_corpus(overrides[0].removeprefix("data.corpus="))
   texts = {d.doc_id: d.text for d in docs}
-  assert set(prep.train.doc_ids).isdisjoint(prep.validation.doc_ids)
-  assert sorted(prep.train.doc_ids + prep.validation.doc_ids) == sorted(texts)
-  for part in (prep.train, prep.validation):
+  assert prep.names == ("train", "validation", "test")
+  ids = [set(prep.split(name).doc_ids) for name in prep.names]
+  assert all(a.isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1:])
+  assert sorted(i for part in ids for i in part) == sorted(texts)
+  for part in (prep.train, prep.validation, prep.test):
     tokens, token_doc = np.asarray(part.tokens), np.asarray(part.token_doc)
     assert tokens.dtype == np.int32 and token_doc.dtype == np.int32 and tokens.min() > 0
     ends = np.flatnonzero(tokens == prep.tokenizer.eos_id)
@@ -153,7 +155,7 @@ def test_interrupted_build_is_not_trusted(tmp_path, monkeypatch, capsys):
                            r"64; set --config.data.seq_len=128"),
     (["data.seq_len=4096"], r"split of corpus .* has \d+ tokens, fewer than one sequence of "
                             r"data.seq_len\+1=4097; lower --config.data.seq_len"),
-    (["data.max_documents=1"], r"has 1 document\(s\); at least 2 are needed"),
+    (["data.max_documents=1"], r"has 1 document\(s\); at least 3 are needed .*test_fraction=0"),
 ])
 def test_bad_inputs_raise_user_errors(tmp_path, overrides, expect):
   corpus = _corpus(tmp_path / "corpus", 3)

@@ -150,11 +150,14 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
   C = T // M
   ids_BxCxK = np.stack([np.concatenate([chunks.search(seq[None, c * M:(c + 1) * M], K)[0]
                                         for c in range(C)]) for seq in seqs])
-  nbr_BxCxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxCxK, M, R)
   seqs_BxT = np.stack([np.pad(seq, (0, T - len(seq))) for seq in seqs])  # (causal: harmless)
+  query_BxCxM = seqs_BxT[:, :C * M].reshape(-1, C, M)  # neighbours start aligned with these
+  nbr_BxCxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxCxK.reshape(-1, K), M,
+                                   R, query_BxCxM.reshape(-1, M)).reshape(-1, C, K, R)
   logits_BxTxV = jax.jit(model.apply)({"params": params}, seqs_BxT, nbr_BxCxKxR)
   cited_chunks = 0
-  for g, seq, ids_CxK, logits_TxV in zip(gens, seqs, ids_BxCxK, logits_BxTxV):
+  for g, seq, ids_CxK, nbr_CxKxR, logits_TxV in zip(gens, seqs, ids_BxCxK, nbr_BxCxKxR,
+                                                     logits_BxTxV):
     assert g.finish_reason == "length" and len(g.token_ids) == 130
     P = len(g.prompt_ids)
     assert g.prompt_ids == tok.encode(g.prompt) and g.text == tok.decode(g.token_ids)
@@ -166,16 +169,11 @@ def test_retro_retrieves_while_sampling_and_cites_the_datastore(tiny):
       assert (P + c.end - 1) // M == j
       assert c.text == tok.decode(g.token_ids[c.start:c.end])
       assert [n.chunk for n in c.neighbours] == (list(ids_CxK[j - 1]) if j else [])
-      for n in c.neighbours:
+      for n, window in zip(c.neighbours, nbr_CxKxR[j - 1] if j else []):
         doc = chunk_doc[n.chunk]
         assert n.doc_id == store.doc_ids[doc]
         assert n.position == n.chunk * M - np.searchsorted(store.token_doc, doc)
-        window = core.chunk_windows(store.tokens, store.token_doc, np.array([[n.chunk]]),
-                                    M, R)[0, 0]
-        assert n.text == tok.decode(window.tolist())
-        span = slice(n.chunk * M, (n.chunk + 1) * M)  # the chunk, cut at its document's end
-        own = np.where(store.token_doc[span] == doc, store.tokens[span], 0)
-        assert own.tolist() == window[:M].tolist()
+        assert n.text == tok.decode(window.tolist())  # the aligned window the model read
         cited_chunks += 1
   assert gens[0].citations[0].neighbours == []  # a short prompt starts without neighbours
   assert cited_chunks >= 3 * K

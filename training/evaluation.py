@@ -111,7 +111,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   mesh = sharding.make_mesh()
   sharding.check_batch_sizes(config, mesh, ("eval.batch_size",))
   # A checkpoint evaluated as another family has no training artifact: build only `split`.
-  artifacts = build.build_all(config, splits=(split,) if model else dataset.SPLITS)
+  artifacts = build.build_all(config, splits=(split,) if model else None)
   saved = checkpoint.restore_meta(workdir, step)
   check_data(saved, artifacts.prepared.hashes, workdir)
   result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"],
@@ -134,7 +134,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
       artifacts = _first_k(artifacts, k)
   eval_fn = loop.make_eval_fn(config.model)
   result.update(loop.evaluate_split(eval_fn, params, artifacts, split, config.eval.batch_size,
-                                    max_batches, mesh, drop=drop))
+                                    max_batches, mesh, drop=drop,
+                                    score_from=config.eval.score_from))
   settings = knn_settings(config, knn)
   if settings is not None:
     result["knn"] = knn_evaluate(config, params, artifacts, split, settings, max_batches,
@@ -229,7 +230,7 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
       d_NxK, t_NxK = store.search(q_NxD, k, exact=use_exact)
       out.append(np.asarray(knn_target(d_NxK.reshape(B, L, k), t_NxK.reshape(B, L, k),
                                        batch["targets"])))
-    weights.append(batch["weights"])
+    weights.append(np.where(np.arange(L) < config.eval.score_from, 0.0, batch["weights"]))
   w = np.concatenate(weights).ravel()
   lm_t = np.concatenate(lm).ravel()
   knn_t = {"approximate": np.concatenate(approx).ravel(), "exact": np.concatenate(exact).ravel()}

@@ -75,8 +75,10 @@ def make_eval_fn(model_config: ml_collections.ConfigDict
 
 def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, split: str,
                    batch_size: int, max_batches: int, mesh: jax.sharding.Mesh,
-                   drop: tuple[str, ...] = (), desc: str = "eval") -> dict[str, float]:
-  """Perplexity over `split` (the first `max_batches` batches; 0 = all)."""
+                   drop: tuple[str, ...] = (), desc: str = "eval", score_from: int = 0
+                   ) -> dict[str, float]:
+  """Perplexity over `split` (the first `max_batches` batches; 0 = all), scoring the targets
+  of input positions >= `score_from` (`eval.score_from`: every model on the same tokens)."""
   num = artifacts.prepared.split(split).num_sequences
   batches = list(dataset.eval_indices(num, batch_size))
   if max_batches > 0:
@@ -84,7 +86,9 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
   nll_sum, tokens = 0.0, 0.0
   pending = []
   for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False):
-    pending.append(eval_fn(params, device_batch(artifacts.batch(split, idx_B), mesh, drop)))
+    batch = artifacts.batch(split, idx_B)
+    batch["weights"][:, :score_from] = 0.0
+    pending.append(eval_fn(params, device_batch(batch, mesh, drop)))
   for aux in jax.device_get(pending):
     nll_sum += float(aux["nll_sum"])
     tokens += float(aux["tokens"])
@@ -101,7 +105,7 @@ def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artif
   docs = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_documents))
   queries = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_query))
   r = config.retrieval
-  splits = {"train": artifacts.prepared.train, "validation": artifacts.prepared.validation}
+  splits = {name: artifacts.prepared.split(name) for name in artifacts.prepared.names}
   stale_NxE = datastore.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
   retrieved = candidates.refresh(
       lambda t, e: np.asarray(docs(params, t, e)), lambda t: np.asarray(queries(params, t)),
@@ -312,7 +316,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           break
         if done % t.eval_every == 0 and done != t.steps:
           ev = evaluate_split(eval_fn, state.params, artifacts, "validation",
-                              config.eval.batch_size, config.eval.batches, mesh)
+                              config.eval.batch_size, config.eval.batches, mesh,
+                              score_from=config.eval.score_from)
           writer.write(done, ev, prefix="eval")
           tqdm.write(f"step {done}: eval loss {ev['loss']:.4f} perplexity {ev['perplexity']:.2f}")
       record(lagged.flush())
@@ -353,7 +358,8 @@ def _final_eval(config: ml_collections.ConfigDict, eval_fn: Callable, params: An
               for v in models.get_family(config.model).eval_variants]
   for prefix, drop in variants:
     ev = evaluate_split(eval_fn, params, artifacts, "validation", config.eval.batch_size,
-                        config.eval.batches, mesh, drop=drop, desc=prefix)
+                        config.eval.batches, mesh, drop=drop, desc=prefix,
+                        score_from=config.eval.score_from)
     writer.write(step, ev, prefix=prefix)
     out.update({f"{prefix}/{k}": v for k, v in ev.items()})
   return out

@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
 
 from training import sharding
-from training.state import TrainState, lr_schedule, make_optimizer
+from training.state import TrainState, lr_schedule, make_optimizer, trainable_mask
 
 # (params, batch, rng) -> (loss, aux); aux holds at least "nll_sum" and "tokens".
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -26,7 +27,12 @@ StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[
 
 
 def train_step_fn(train_config: ml_collections.ConfigDict, loss_fn: LossFn) -> StepFn:
-  """The un-jitted step: AdamW update of `loss_fn`, with loss, aux, grad/param norms and lr."""
+  """The un-jitted step: AdamW update of `loss_fn`, with loss, aux, grad/param norms and lr.
+
+  With `train.trainable`, frozen parameters' gradients are replaced by zeros before anything
+  reads them, so XLA drops their computation (RETRO-fitting backpropagates only from the
+  first layer that reads the neighbours) and `grad_norm` is the trainable parameters'.
+  """
   tx = make_optimizer(train_config)
   schedule = lr_schedule(train_config)
 
@@ -34,6 +40,9 @@ def train_step_fn(train_config: ml_collections.ConfigDict, loss_fn: LossFn) -> S
            ) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    if train_config.trainable:
+      grads = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads,
+                           trainable_mask(train_config, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**aux, "loss": loss, "grad_norm": optax.global_norm(grads),

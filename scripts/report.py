@@ -1,0 +1,207 @@
+"""RESULTS.md and the plots of the results protocol (scripts/results.py), from its rows.
+
+Every number is a mean over seeds with its spread (sample standard deviation and range); a
+difference is called a finding only when it exceeds the spread of both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Report rows: (label, evaluation row, the row it is compared with).
+ROWS = (
+    ("baseline (tuned learning rate)", "base", "base"),
+    ("baseline continued for the extra steps (reference of the rows below it)", "cont", "cont"),
+    ("RETRO-fitted baseline, Folio datastore with the held-out plays' Folio editions",
+     "fit_related", "cont"),
+    ("RETRO-fitted baseline, Folio datastore without them (no related text)", "fit_unrelated",
+     "cont"),
+    ("RETRO-fitted baseline, retrieval off (its baseline)", "fit_off", "cont"),
+    ("REALM reader from the baseline, frozen index, k=1 (+ null document)", "realm_k1", "cont"),
+    ("REALM reader from the baseline, frozen index, k=4 (+ null document)", "realm_k4", "cont"),
+    ("REALM reader, refreshed index, k=1 (seed 0)", "realm_refreshed_k1", "cont"),
+    ("REALM reader, refreshed index, k=4 (seed 0)", "realm_refreshed_k4", "cont"),
+    ("RETRO from scratch, training-split datastore", "retro", "base"),
+    ("RETRO from scratch, same checkpoints, retrieval off", "retro_off", "base"),
+    ("kNN-LM on the baseline (λ and T chosen on validation)", "knn", "base"),
+)
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+          "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def seeds_of(evals: dict[str, Any], row: str, split: str) -> dict[int, float]:
+  out = {}
+  for key, value in evals.items():
+    name, seed, part = key.split("/")
+    if name == row and part == split:
+      out[int(seed)] = value["perplexity"]
+  return out
+
+
+def change(evals: dict[str, Any], row: str, ref: str, split: str) -> dict[str, float] | None:
+  """Per-seed % change of perplexity against `ref` of the same seed, with its stats."""
+  a, b = seeds_of(evals, row, split), seeds_of(evals, ref, split)
+  common = sorted(set(a) & set(b))
+  if not common:
+    return None
+  return stats([100.0 * (a[s] / b[s] - 1.0) for s in common])
+
+
+def fmt(st: dict[str, float] | None, digits: int = 2, unit: str = "") -> str:
+  if st is None:
+    return "—"
+  spread = f" ± {st['std']:.{digits}f}" if st["n"] > 1 else ""
+  return f"{st['mean']:+.{digits}f}{unit}{spread}" if unit else \
+      f"{st['mean']:.{digits}f}{spread} (n={st['n']})"
+
+
+def targets(evals: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+  """(target, measured, met) on the test split; None = not measured yet."""
+  out = []
+  fit = change(evals, "fit_related", "cont", "test")
+  out.append(("RETRO-fitted baseline with a related datastore (the held-out plays' Folio "
+              "editions): >= 10% lower perplexity than the baseline",
+              fmt(fit, unit="%"), None if fit is None else fit["mean"] + fit["std"] <= -10.0))
+  retro = change(evals, "retro", "base", "test")
+  out.append(("RETRO with the training-split datastore not worse than the baseline beyond "
+              "seed spread", fmt(retro, unit="%"),
+              None if retro is None else retro["mean"] - retro["std"] <= 0.0))
+  k1, k4 = (change(evals, f"realm_k{k}", "cont", "test") for k in (1, 4))
+  k4_vs_k1 = change(evals, "realm_k4", "realm_k1", "test")
+  out.append(("REALM: k=4 marginal better than k=1 beyond seed spread", fmt(k4_vs_k1, unit="%"),
+              None if k4_vs_k1 is None else k4_vs_k1["mean"] + k4_vs_k1["std"] < 0.0))
+  out.append(("REALM: k=1 and k=4 both better than the baseline they start from, beyond "
+              "seed spread", f"k=1 {fmt(k1, unit='%')}, k=4 {fmt(k4, unit='%')}",
+              None if k1 is None or k4 is None else
+              max(k1["mean"] + k1["std"], k4["mean"] + k4["std"]) < 0.0))
+  knn = change(evals, "knn", "base", "test")
+  out.append(("kNN-LM >= 10% lower perplexity than its base LM on test (λ, T from validation)",
+              fmt(knn, unit="%"), None if knn is None else knn["mean"] + knn["std"] <= -10.0))
+  return out
+
+
+def markdown(rows: dict[str, Any]) -> str:
+  r, evals = rows["recipe"], rows.get("evals", {})
+  sweep = rows["sweep"]
+  lines = [
+      "# Results", "",
+      f"Recipe: baseline and RETRO from scratch {r['steps']} steps; the continued baseline, "
+      f"RETRO-fitting and REALM {r['extra_steps']} more steps from the baseline's checkpoint; "
+      f"learning rate {sweep['learning_rate']:g} (swept on the baseline: " +
+      ", ".join(f"{lr}: {p:.2f}" for lr, p in sweep["perplexity"].items()) +
+      f" validation perplexity), warmup 10%, cosine to 0.1x; seeds {tuple(r['seeds'])}; "
+      f"every model scored on the same target tokens (those after the first "
+      f"{r['score_from'] + 1} tokens of each 512-token sequence); hyperparameters chosen on "
+      f"validation, numbers on the test split (held-out documents). Mean ± sample standard "
+      f"deviation over seeds.", "",
+      "| model | test perplexity | vs its reference (per seed, %) | validation perplexity |",
+      "|---|---|---|---|"]
+  for label, row, ref in ROWS:
+    test = seeds_of(evals, row, "test")
+    if not test:
+      continue
+    val = seeds_of(evals, row, "validation")
+    vs = "reference" if row == ref else fmt(change(evals, row, ref, "test"), unit="%")
+    lines.append(f"| {label} | {fmt(stats(list(test.values())))} | {vs} | "
+                 f"{fmt(stats(list(val.values()))) if val else '—'} |")
+  lines += ["", "## Targets (test split)", "", "| target | measured (mean ± std over seeds) | met |",
+            "|---|---|---|"]
+  for name, measured, met in targets(evals):
+    lines.append(f"| {name} | {measured} | {'—' if met is None else 'yes' if met else 'no'} |")
+  knn = [v for k, v in evals.items() if k.startswith("knn/") and k.endswith("/test")]
+  if knn:
+    lines += ["", "kNN-LM settings chosen on validation, per seed: " + ", ".join(
+        f"λ={v['lam']}, T={v['temperature']:g}" for v in knn) + "."]
+  leak = rows.get("leakage")
+  if leak:
+    lines += ["", "## Datastores against the test split", "",
+              "| datastore | shared document ids | test chunks held verbatim |", "|---|---|---|"]
+    for name, v in leak.items():
+      lines.append(f"| {name} | {len(v['shared_doc_ids'])} | {v['verbatim_chunks']} of "
+                   f"{v['chunks']} |")
+  lines += ["", "Plots: `curves.png` (validation perplexity over training tokens, seed bands; "
+            "retrieval on vs off over RETRO-fitting and RETRO training), `knn_sweep.png`."]
+  return "\n".join(lines)
+
+
+def _eval_curve(run_dirs: dict[str, str], offset: int, tokens_per_step: int
+                ) -> dict[int, list[tuple[int, float]]]:
+  out = {}
+  for seed, workdir in run_dirs.items():
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+      continue
+    points = [(offset + rec["step"] * tokens_per_step, rec["eval/perplexity"])
+              for rec in map(json.loads, path.read_text().splitlines())
+              if "eval/perplexity" in rec]
+    out[int(seed)] = points
+  return out
+
+
+def plots(rows: dict[str, Any], out: Path, tokens_per_step: int = 8 * 512) -> None:
+  """curves.png: validation perplexity vs training tokens (mean, min-max band over seeds)
+  and retrieval on vs off over training; knn_sweep.png: the lambda sweeps on validation."""
+  from matplotlib.figure import Figure
+
+  r, runs, evals = rows["recipe"], rows.get("runs", {}), rows.get("evals", {})
+  fig = Figure(figsize=(13, 4.5), dpi=100)
+  ax, ax2 = fig.subplots(1, 2)
+  base_tokens = r["steps"] * tokens_per_step
+  for run, label in (("base", "baseline"), ("retro", "RETRO"), ("cont", "baseline continued"),
+                     ("fit", "RETRO-fitted (own datastore)"), ("realm", "REALM k=4")):
+    curves = _eval_curve(runs.get(run, {}), base_tokens if run in ("cont", "fit", "realm") else 0,
+                         tokens_per_step)
+    if not curves:
+      continue
+    n = min(len(c) for c in curves.values())
+    x = [p[0] for p in next(iter(curves.values()))[:n]]
+    y = np.asarray([[p[1] for p in c[:n]] for c in curves.values()])
+    ax.plot(x, y.mean(0), marker="o", label=f"{label} (n={len(y)})")
+    ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)
+  ax.set_xlabel("training tokens")
+  ax.set_ylabel("validation perplexity (eval batches of the run)")
+  ax.set_yscale("log")
+  ax.set_title("Validation perplexity over training (band: seeds' range)")
+  ax.legend(fontsize=8)
+  for run, label in (("fit", "RETRO-fitting, related Folio datastore"), ("retro", "RETRO")):
+    for mode, style in (("on", "-"), ("off", "--")):
+      pts = sorted((int(k.split("/")[1]), v["perplexity"]) for k, v in evals.items()
+                   if k.startswith(f"curve_{run}_{mode}/"))
+      if pts:
+        ax2.plot(*zip(*pts), style, marker="o", label=f"{label}: retrieval {mode}")
+  ax2.set_xlabel("step of the run")
+  ax2.set_ylabel("validation perplexity")
+  ax2.set_title("Retrieval on vs off over training (seed 0)")
+  ax2.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "curves.png")
+  sweeps = [v for k, v in evals.items() if k.startswith("knn/") and k.endswith("/validation")]
+  if sweeps:
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    for t, sweep in sweeps[0]["sweeps"].items():
+      pts = [(s["lam"], s["perplexity_approximate"]) for s in sweep["sweep"]
+             if math.isfinite(s["perplexity_approximate"])]
+      ax.plot(*zip(*pts), marker="o", label=f"T={float(t):g}")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("kNN-LM interpolation (seed 0's baseline)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "knn_sweep.png")
+
+
+def write(rows: dict[str, Any], out: Path) -> str:
+  md = markdown(rows)
+  (out / "RESULTS.md").write_text(md + "\n")
+  plots(rows, out)
+  return md

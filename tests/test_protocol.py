@@ -1,0 +1,77 @@
+"""The results protocol's pieces that need no training: its configs parse, the leakage
+check, and the report's statistics and targets (scripts/results.py, scripts/report.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import configs
+from data import dataset
+from retrieval import datastore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import report  # noqa: E402
+import results  # noqa: E402
+
+
+def _split(docs: dict[str, list[int]], m: int = 4) -> dataset.TokenSplit:
+  parts = [np.asarray(t + [1], np.int32) for t in docs.values()]
+  return dataset.TokenSplit(
+      name="x", tokens=np.concatenate(parts), seq_len=2 * m, chunk_size=m,
+      token_doc=np.repeat(np.arange(len(parts)), [len(p) for p in parts]).astype(np.int32),
+      doc_ids=list(docs))
+
+
+def test_leakage_finds_the_evaluated_text_not_another_edition():
+  rng = np.random.default_rng(0)
+  play = rng.integers(2, 90, 40).tolist()
+  edition = [t + 1 if i % 3 == 0 else t for i, t in enumerate(play)]  # another spelling
+  test = _split({"shakespeare/play": play})
+  clean = datastore.leakage(_split({"folio/play": edition, "a/b": [5] * 30}), test)
+  assert clean == {"shared_doc_ids": [], "verbatim_chunks": 0, "chunks": 10}
+  copied = datastore.leakage(_split({"a/b": [5] * 7 + play[8:30]}), test)  # at any offset
+  assert copied["verbatim_chunks"] == 5 and copied["shared_doc_ids"] == []  # chunks 2..6
+  assert datastore.leakage(_split({"shakespeare/play": [7] * 9}), test)["shared_doc_ids"] == \
+      ["shakespeare/play"]
+
+
+@pytest.mark.parametrize("recipe", [results.FULL, results.QUICK])
+def test_every_run_of_the_protocol_is_a_valid_config(recipe):
+  """Each run's overrides (schedule, seeds, warm start, datastores) load and validate."""
+  lr = recipe.learning_rates[0]
+  common = recipe.common(2, lr)
+  for name, extra in (("baseline_small", recipe.schedule(recipe.steps)),
+                      ("retro_small", recipe.schedule(recipe.steps)),
+                      ("retro_fit", recipe.schedule(recipe.extra_steps, 3) + [
+                          f"retrieval.datastore={results.FOLIO}", "train.init_from=x"]),
+                      ("realm_small", recipe.schedule(recipe.extra_steps, 3) + [
+                          "retrieval.refresh_every=0", "train.init_from=x"])):
+    config = configs.load(name, common + extra)
+    assert config.seed == 2 and config.eval.score_from == config.model.chunk_size - 1
+    assert config.data.test_fraction > 0
+
+
+def _evals(values: dict[str, list[float]]) -> dict[str, dict]:
+  return {f"{row}/{seed}/test": {"perplexity": p} for row, ps in values.items()
+          for seed, p in enumerate(ps)}
+
+
+def test_report_compares_per_seed_and_calls_targets_only_beyond_the_spread():
+  evals = _evals({"cont": [100.0, 110.0, 90.0], "fit_related": [85.0, 99.0, 81.0],
+                  "base": [120.0, 121.0, 119.0], "retro": [121.0, 120.0, 119.0],
+                  "realm_k1": [99.0, 109.0, 89.5], "realm_k4": [98.0, 108.5, 89.0],
+                  "knn": [100.0, 101.0, 99.0]})
+  fit = report.change(evals, "fit_related", "cont", "test")
+  np.testing.assert_allclose(fit["mean"], np.mean([-15.0, -10.0, -10.0]))
+  assert fit["n"] == 3 and fit["std"] > 0
+  met = {name.split(":")[0].split(" ")[0]: ok for name, _, ok in report.targets(evals)}
+  assert met["RETRO-fitted"] is False  # -11.7% ± 2.9: not beyond the 10% with its spread
+  assert met["RETRO"] is True  # +0.0% ± 0.8: not worse beyond the spread
+  assert met["kNN-LM"] is True
+  evals.update(_evals({"fit_related": [80.0, 88.0, 72.0]}))
+  assert report.targets(evals)[0][2] is True
+  assert report.stats([1.0])["std"] == 0.0
