@@ -25,6 +25,7 @@ from common import cli
 from common import artifacts
 from common.artifacts import atomic_write_text
 from common.errors import cli_main
+from training import bundle
 from training.checkpoint import restore_meta
 from training.evaluation import evaluate, format_table
 
@@ -37,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                  checkpoint_overrides=True)
   p.add_argument("--workdir", default="runs/retro_small",
                  help="run directory written by train.py (default runs/retro_small, where "
-                      "`python train.py --config retro_small` trains)")
+                      "`python train.py --config retro_small` trains), or a run bundle "
+                      "(python -m training.export): a folder, gs://..., hf://org/name")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--split", default="validation", help="validation (default) or train")
   p.add_argument("--model", default=None,
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 def _run(args) -> list[dict]:
+  args.workdir = str(bundle.local(args.workdir))  # a bundle on gs:// or the Hub: a local copy
   name = args.model or configs.from_json(restore_meta(args.workdir, args.step)["config"]).model.name
   family = models.get_family(name)
   knn = None

@@ -31,7 +31,9 @@ __all__ = ["generate", "format_generation", "Generation", "main"]
 def main(argv: Sequence[str] | None = None) -> list[Generation]:
   p = cli.parser("Sample text from a checkpoint, with retrieval and citations.",
                  config_required=False)
-  p.add_argument("--workdir", required=True, help="run directory written by train.py")
+  p.add_argument("--workdir", required=True,
+                 help="run directory written by train.py, or a run bundle (python -m "
+                      "training.export): a folder, gs://..., hf://org/name")
   p.add_argument("--prompt", action="append", required=True,
                  help="text to continue (repeat for a batch)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -258,6 +258,16 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
   return json.loads(path.read_text())
 
 
+def committed(spec: str, kind: str) -> Path | None:
+  """`spec` as a directory if it is a committed artifact of `kind` (how a run bundle names
+  its dataset and datastore in a config), else None."""
+  path = Path(spec).expanduser() if spec else None
+  if path is None or not (path / MANIFEST).is_file():
+    return None
+  manifest = read_manifest(path)
+  return path if manifest is not None and manifest.get("kind") == kind else None
+
+
 def check_manifest(directory: str | os.PathLike, expected: Mapping[str, str],
                    rebuild_hint: str, rebuild: str = "") -> dict:
   """Returns the manifest if every expected input hash matches and its files are intact

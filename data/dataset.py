@@ -176,8 +176,16 @@ class Prepared:
 
 
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
-  """Corpus -> split -> tokenizer -> TFDS dataset -> packed streams; every step cached."""
+  """Corpus -> split -> tokenizer -> TFDS dataset -> packed streams; every step cached.
+
+  A `data.corpus` that names a committed dataset artifact (a run bundle's
+  `cache/datasets/<hash>`) is used as it is: no corpus is read and no tokenizer trained;
+  `data.tokenizer` is then the folder of the tokenizer that made it.
+  """
   d = config.data  # configs.validate has checked seq_len against the chunk size
+  committed = artifacts.committed(d.corpus, "dataset")
+  if committed is not None:
+    return _from_artifact(config, committed)
   docs = corpora.load_corpus(d.corpus, d.cache_dir, d.max_documents)
   splits = corpora.split_documents(docs, d.val_fraction, d.split_seed, d.test_fraction)
   if not all(splits.values()):
@@ -202,8 +210,28 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
     print(f"reusing cached dataset {final}", flush=True)
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
+  return _load(config, tok, final, {**inputs, "dataset": dataset_hash})
+
+
+def _from_artifact(config: ml_collections.ConfigDict, final: Path) -> Prepared:
+  """The committed dataset `final` with the tokenizer `data.tokenizer` (which must be the one
+  that made it): no corpus, no build."""
+  if config.data.tokenizer == "bpe":
+    raise UserError(f"data.corpus names the dataset {final}; set --config.data.tokenizer to "
+                    f"the folder of the tokenizer that built it")
+  tok = tokenizer_lib.get_tokenizer(config.data.tokenizer, [], config.model.vocab_size)
+  manifest = artifacts.check_manifest(final, {"tokenizer": tok.hash},
+                                      rebuild_hint=f"point data.tokenizer at the tokenizer "
+                                                   f"that built {final}")
+  return _load(config, tok, final, {**manifest["inputs"], "dataset": manifest["hash"]})
+
+
+def _load(config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer, final: Path,
+          hashes: dict[str, str]) -> Prepared:
+  """The packed splits of the committed dataset `final`, each checked to hold a sequence."""
+  d = config.data
   parts = {name: TokenSplit.load(final, name, d.seq_len, config.model.chunk_size)
-           for name in splits}
+           for name in SPLITS if (final / f"{name}.tokens.npy").exists()}
   for part in parts.values():
     if part.num_sequences < 1:
       raise UserError(f"the {part.name} split of corpus {d.corpus!r} has {part.num_tokens} "
@@ -211,8 +239,7 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                       f"lower --config.data.seq_len or use more text (data.max_documents, "
                       f"data.val_fraction)")
   return Prepared(tokenizer=tok, train=parts["train"], validation=parts["validation"],
-                  test=parts.get("test"), hashes={**inputs, "dataset": dataset_hash},
-                  directory=final)
+                  test=parts.get("test"), hashes=hashes, directory=final)
 
 
 def batch_indices(num_sequences: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from inference import sampling
 from inference.sampling import ChunkCitation, Generation, Neighbour, Sampler
 from inference.stores import ChunkStore, KnnStore, chunk_store
 from models.layers import Spec
-from training import checkpoint
+from training import bundle, checkpoint
 from training.evaluation import check_data, knn_datastore, knn_settings
 
 
@@ -103,7 +103,7 @@ def _load(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any], ste
       raise UserError("pass a workdir or a (config, params) pair such as "
                       "train.load_checkpoint(workdir) returns")
     return source[0], source[1], None
-  workdir = Path(source)
+  workdir = bundle.local(source)
   if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
                     f"--workdir {workdir}")
@@ -135,7 +135,8 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
 
   Args:
     source: a workdir written by train.py (its checkpoint at `step`, default the latest),
-      or `(config, params)` as `train.load_checkpoint` returns.
+      a run bundle (`training.bundle`: a folder, gs://..., hf://org/name or org/name), or
+      `(config, params)` as `train.load_checkpoint` returns.
     prompts: the texts to continue; an empty prompt starts a new document.
     max_tokens: tokens to generate per prompt.
     temperature, top_k, top_p: sampling (temperature 0 = greedy; top_k 0 and top_p 1 = off).

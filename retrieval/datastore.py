@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import ml_collections
@@ -59,11 +60,26 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
 
   Another corpus (its first data.max_documents documents if that is set) is tokenised with
   the LM tokenizer and packed like a TokenSplit (each document followed by EOS), cached in
-  `cache_root/datastores/<hash>/`.
+  `cache_root/datastores/<hash>/`. A spec that names such a committed directory (a run
+  bundle's) is used as it is.
   """
   spec = config.retrieval.datastore if spec is None else spec
   if not spec:
     return Datastore(spec="", split=prepared.train, hash=split_hash(prepared.train))
+  final = artifacts.committed(spec, "datastore")
+  if final is None:
+    final, spec = _pack_corpus(config, prepared, spec)
+  else:
+    spec = artifacts.check_manifest(final, {"tokenizer": prepared.tokenizer.hash},
+                                    rebuild_hint="use the data.tokenizer that built it")["spec"]
+  split = dataset.TokenSplit.load(final, "datastore", config.data.seq_len,
+                                  config.model.chunk_size)
+  return Datastore(spec=spec, split=split, hash=split_hash(split))
+
+
+def _pack_corpus(config: ml_collections.ConfigDict, prepared: dataset.Prepared, spec: str
+                 ) -> tuple[Path, str]:
+  """(the committed packed datastore of corpus `spec`, built if missing; its description)."""
   d = config.data
   docs = corpora.load_corpus(spec, d.cache_dir, d.max_documents)
   dropped: list[str] = []
@@ -90,8 +106,7 @@ def load_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
                                tokens=int(tokens_T.shape[0]), dropped_heldout=dropped)
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
-  split = dataset.TokenSplit.load(final, "datastore", d.seq_len, config.model.chunk_size)
-  return Datastore(spec=spec, split=split, hash=split_hash(split))
+  return final, spec
 
 
 def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]

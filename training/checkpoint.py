@@ -357,11 +357,17 @@ def load_checkpoint(workdir: str | os.PathLike, step: int | None = None
 
   The params are placed on whatever devices are present (all on the `data` axis), however
   many devices saved them: this is what a notebook calls (re-exported as
-  `train.load_checkpoint`).
+  `train.load_checkpoint`). `workdir` may also be a run bundle (`training.bundle`): a
+  folder, `gs://...`, `hf://org/name` or a Hub repo id `org/name`; its config then points
+  into the bundle, whose artifacts evaluation and generation read without rebuilding.
   """
   import configs
+  from training import bundle
 
+  workdir = bundle.local(workdir)
   meta = restore_meta(workdir, step)
-  config = configs.from_json(meta["config"])
+  config = bundle.load_config(workdir)
+  if config is None:
+    config = configs.from_json(meta["config"])
   params = load_params(workdir, meta["step"])
   return config, params

@@ -28,7 +28,7 @@ from models import knnlm
 from models.layers import Spec
 from data import dataset
 from retrieval import build, knn_datastore as knn_lib
-from training import checkpoint, loop, sharding
+from training import bundle, checkpoint, loop, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -88,7 +88,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   Returns:
     {"perplexity", "loss", "tokens", ...}; also written to `<workdir>/eval_<split>.json`.
   """
-  workdir = Path(workdir)
+  workdir = bundle.local(workdir)
   if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
                     f"--workdir {workdir}")
