@@ -98,7 +98,11 @@ def markdown(rows: dict[str, Any]) -> str:
       f"RETRO-fitting and REALM {r['extra_steps']} more steps from the baseline's checkpoint; "
       f"learning rate {sweep['learning_rate']:g} (swept on the baseline: " +
       ", ".join(f"{lr}: {p:.2f}" for lr, p in sweep["perplexity"].items()) +
-      f" validation perplexity), warmup 10%, cosine to 0.1x; seeds {tuple(r['seeds'])}; "
+      f" validation perplexity), warmup 10%, cosine to 0.1x; RETRO-fitting (only the encoder "
+      f"and the cross-attention train) at {rows.get('fit_sweep', {}).get('scale', 1):g}x that "
+      f"rate (swept on validation: " + ", ".join(
+          f"{x}x: {p:.2f}" for x, p in rows.get("fit_sweep", {}).get("perplexity", {}).items())
+      + f"); seeds {tuple(r['seeds'])}; "
       f"every model scored on the same target tokens (those after the first "
       f"{r['score_from'] + 1} tokens of each 512-token sequence); hyperparameters chosen on "
       f"validation, numbers on the test split (held-out documents). Mean ± sample standard "
@@ -171,7 +175,6 @@ def plots(rows: dict[str, Any], out: Path, tokens_per_step: int = 8 * 512) -> No
   ax.set_ylabel("validation perplexity (eval batches of the run)")
   ax.set_yscale("log")
   ax.set_title("Validation perplexity over training (band: seeds' range)")
-  ax.legend(fontsize=8)
   for run, label in (("fit", "RETRO-fitting, related Folio datastore"), ("retro", "RETRO")):
     for mode, style in (("on", "-"), ("off", "--")):
       pts = sorted((int(k.split("/")[1]), v["perplexity"]) for k, v in evals.items()
@@ -181,7 +184,9 @@ def plots(rows: dict[str, Any], out: Path, tokens_per_step: int = 8 * 512) -> No
   ax2.set_xlabel("step of the run")
   ax2.set_ylabel("validation perplexity")
   ax2.set_title("Retrieval on vs off over training (seed 0)")
-  ax2.legend(fontsize=8)
+  for a in (ax, ax2):
+    if a.get_legend_handles_labels()[0]:
+      a.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out / "curves.png")
   sweeps = [v for k, v in evals.items() if k.startswith("knn/") and k.endswith("/validation")]

@@ -51,6 +51,7 @@ class Recipe:
   steps: int  # baseline and RETRO from scratch
   extra_steps: int  # continued baseline, RETRO-fitting and REALM, from the baseline
   learning_rates: tuple[float, ...]  # swept on the baseline, seed 0
+  fit_lr_scales: tuple[float, ...]  # RETRO-fitting's learning rate / the recipe's, swept (seed 0)
   seeds: tuple[int, ...]
   eval_batches: int  # 0 = the whole split
   curve_batches: int  # validation batches of the evaluations during training
@@ -67,10 +68,10 @@ class Recipe:
             "train.keep_checkpoints=100"]
 
 
-FULL = Recipe(steps=400, extra_steps=150, learning_rates=(1e-3, 3e-3, 6e-3), seeds=(0, 1, 2),
-              eval_batches=0, curve_batches=10)
-QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), seeds=(0,), eval_batches=4,
-               curve_batches=2)
+FULL = Recipe(steps=400, extra_steps=150, learning_rates=(1e-3, 3e-3, 6e-3),
+              fit_lr_scales=(1.0, 3.0), seeds=(0, 1, 2), eval_batches=0, curve_batches=10)
+QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), fit_lr_scales=(1.0,),
+               seeds=(0,), eval_batches=4, curve_batches=2)
 
 
 class Runner:
@@ -127,7 +128,28 @@ def sweep(runner: Runner) -> dict[str, Any]:
   return {"perplexity": out, "learning_rate": float(best)}
 
 
-def train_all(runner: Runner, lr: float) -> dict[str, dict[int, Path]]:
+def fit_overrides(recipe: Recipe, seed: int, lr: float, base: Path, scale: float) -> list[str]:
+  """RETRO-fitting from `base` on the Folio of the training plays (held-out editions out)."""
+  return (recipe.common(seed, lr * scale) + [f"train.init_from={base}"] +
+          recipe.schedule(recipe.extra_steps, evals=3) +
+          [f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True"])
+
+
+def fit_sweep(runner: Runner, lr: float) -> dict[str, Any]:
+  """RETRO-fitting's learning rate (only the new parameters train): each scale of the
+  recipe's on seed 0, scored on validation with the related Folio datastore."""
+  r, seed = runner.recipe, runner.recipe.seeds[0]
+  base = runner.out / "runs" / f"baseline_lr{lr:g}_s{seed}"
+  out = {}
+  for scale in r.fit_lr_scales:
+    workdir = runner.train(f"fit_x{scale:g}_s{seed}", "retro_fit",
+                           fit_overrides(r, seed, lr, base, scale))
+    out[f"{scale:g}"] = runner.eval(f"fit_sweep/{scale:g}", workdir, split="validation",
+                                    datastore=FOLIO, drop_heldout=False)["perplexity"]
+  return {"perplexity": out, "scale": float(min(out, key=out.get))}
+
+
+def train_all(runner: Runner, lr: float, fit_scale: float) -> dict[str, dict[int, Path]]:
   """Every run of every seed (in seed order, so seed 0's rows are complete first)."""
   r = runner.recipe
   runs: dict[str, dict[int, Path]] = {}
@@ -137,18 +159,18 @@ def train_all(runner: Runner, lr: float) -> dict[str, dict[int, Path]]:
                         common + r.schedule(r.steps))
     warm = common + [f"train.init_from={base}"] + r.schedule(r.extra_steps, evals=3)
     plan = {
-        "base": ("baseline_small", common + r.schedule(r.steps), base),
-        "cont": ("baseline_small", warm, None),
-        "fit": ("retro_fit", warm + [f"retrieval.datastore={FOLIO}",
-                                     "retrieval.datastore_drop_heldout=True"], None),
-        "retro": ("retro_small", common + r.schedule(r.steps), None),
-        "realm": ("realm_small", warm + ["retrieval.refresh_every=0"], None),
+        "cont": ("baseline_small", warm),
+        "fit": ("retro_fit", fit_overrides(r, seed, lr, base, fit_scale)),
+        "retro": ("retro_small", common + r.schedule(r.steps)),
+        "realm": ("realm_small", warm + ["retrieval.refresh_every=0"]),
     }
     if seed == r.seeds[0]:
       plan["realm_refreshed"] = ("realm_small", warm + [
-          f"retrieval.refresh_every={max(1, r.extra_steps // 3)}"], None)
-    for run, (name, overrides, done) in plan.items():
-      runs.setdefault(run, {})[seed] = done or runner.train(f"{run}_s{seed}", name, overrides)
+          f"retrieval.refresh_every={max(1, r.extra_steps // 3)}"])
+    runs.setdefault("base", {})[seed] = base
+    for run, (name, overrides) in plan.items():
+      label = f"fit_x{fit_scale:g}" if run == "fit" else run
+      runs.setdefault(run, {})[seed] = runner.train(f"{label}_s{seed}", name, overrides)
   return runs
 
 
@@ -239,7 +261,8 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
   rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
   rows["sweep"] = sweep(runner)
   if STAGES.index(until) >= STAGES.index("train"):
-    runs = train_all(runner, rows["sweep"]["learning_rate"])
+    rows["fit_sweep"] = fit_sweep(runner, rows["sweep"]["learning_rate"])
+    runs = train_all(runner, rows["sweep"]["learning_rate"], rows["fit_sweep"]["scale"])
     rows["runs"] = {run: {s: str(p) for s, p in by_seed.items()} for run, by_seed in runs.items()}
     if STAGES.index(until) >= STAGES.index("eval"):
       rows["evals"] = evaluate_all(runner, runs)

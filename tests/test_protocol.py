@@ -75,3 +75,25 @@ def test_report_compares_per_seed_and_calls_targets_only_beyond_the_spread():
   evals.update(_evals({"fit_related": [80.0, 88.0, 72.0]}))
   assert report.targets(evals)[0][2] is True
   assert report.stats([1.0])["std"] == 0.0
+
+
+def test_report_renders_from_rows(tmp_path):
+  """RESULTS.md and the plots from a small set of rows (as results.json holds them)."""
+  evals = _evals({"base": [120.0, 121.0], "cont": [100.0, 101.0], "fit_related": [80.0, 82.0],
+                  "retro": [119.0, 120.5], "retro_off": [125.0, 126.0]})
+  sweep = [{"lam": lam, "perplexity_approximate": 100 - 10 * lam, "perplexity_exact": 99.0}
+           for lam in (0.0, 0.25, 0.5)]
+  evals["knn/0/validation"] = {"perplexity": 95.0, "lam": 0.5, "temperature": 5.0,
+                               "sweeps": {"5.0": {"sweep": sweep}}}
+  evals["knn/0/test"] = {"perplexity": 96.0, "lam": 0.5, "temperature": 5.0}
+  evals.update({f"curve_fit_{mode}/{step}/validation": {"perplexity": 90.0 + step / 10}
+                for mode in ("on", "off") for step in (10, 20)})
+  rows = {"recipe": vars(results.QUICK) | {"seeds": [0, 1]}, "evals": evals, "runs": {},
+          "sweep": {"perplexity": {"0.003": 120.0}, "learning_rate": 0.003},
+          "fit_sweep": {"perplexity": {"1": 81.0}, "scale": 1.0},
+          "leakage": {"training split": {"shared_doc_ids": [], "verbatim_chunks": 0,
+                                         "chunks": 10}}}
+  md = report.write(rows, tmp_path)
+  assert md.startswith("# Results") and "| RETRO from scratch, training-split datastore |" in md
+  assert "-19.41% ± 0.84" in md  # fit vs cont per seed: -20% and -18.81%
+  assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "knn_sweep.png").stat().st_size
