@@ -8,8 +8,11 @@ timed steps after warm-up, forward+backward+AdamW through the project's one trai
 and forward only. Also XLA's FLOP counts of both programs, the achieved GFLOP/s, the
 process CPU seconds per step (stable when other processes share the cores, unlike wall
 time) and the 1-minute load average before and after, since a loaded machine slows
-every number. `--profile DIR` traces two train steps into DIR (open it with TensorBoard's
-profile plugin or Perfetto) and adds the train step's most expensive XLA ops.
+every number. Model FLOPs per token (`training.flops`: decoder, attention, CCA, neighbour
+encoder, output projection) give the model FLOP/s and MFU against the device's peak: a
+table of accelerators, or for a CPU the fastest jitted float32 2048^2 matmul of this run.
+`--profile DIR` traces two train steps into DIR (open it with TensorBoard's profile plugin
+or Perfetto) and adds the train step's most expensive XLA ops.
 
 On Linux with glibc >= 2.35, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` lets malloc back
 XLA's per-step buffers (2.3 GB of temporaries for a bench_small train step, mapped and
@@ -20,6 +23,7 @@ step, measured ~18% faster training on 2 cores. The tunable is recorded in the o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import platform
@@ -41,7 +45,7 @@ import models  # noqa: E402
 from models.layers import Spec  # noqa: E402
 from common import cli  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
-from training import sharding  # noqa: E402
+from training import flops as flops_lib, sharding  # noqa: E402
 from training.state import create_train_state  # noqa: E402
 from training.step import make_train_step  # noqa: E402
 
@@ -140,6 +144,9 @@ def main(argv=None) -> dict:
     forward_s, forward_cpu_s = _time_steps(forward_once, args.steps, bar)
 
   train_flops, forward_flops = _flops(step), _flops(forward)
+  model = flops_lib.model_flops(config.model, config.data.seq_len)
+  peak, peak_source = flops_lib.peak_flops_per_s(jax.devices()[0], config.model.dtype)
+  peak_total = peak * jax.device_count() if peak else None
   result = {
       "bench": "train_throughput", "config": config.name, "model": config.model.name,
       "dtype": config.model.dtype, "params": int(n_params), "batch": config.data.batch_size,
@@ -152,7 +159,14 @@ def main(argv=None) -> dict:
       "train_flops_xla": train_flops, "forward_flops_xla": forward_flops,
       "train_gflops_per_s": train_flops / train_s / 1e9 if train_flops else None,
       "forward_gflops_per_s": forward_flops / forward_s / 1e9 if forward_flops else None,
-      "model_flops_per_token_6n": 6 * n_params, "compile_s": compile_s, "warmup_s": warmup_s,
+      "model_flops_per_token_6n": 6 * n_params,
+      "params_without_embeddings": models.count_params(state.params, exclude_embeddings=True),
+      "model_flops_per_token": model.train, "model_flops_per_token_forward": model.forward,
+      "model_flops_per_token_parts": dataclasses.asdict(model),
+      "peak_flops_per_s_per_device": peak, "peak_source": peak_source,
+      "mfu": tokens / train_s * model.train / peak_total if peak_total else None,
+      "forward_mfu": tokens / forward_s * model.forward / peak_total if peak_total else None,
+      "compile_s": compile_s, "warmup_s": warmup_s,
       "timed_steps": args.steps, "load_avg_1m": [load_before, os.getloadavg()[0]],
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),

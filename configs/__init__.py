@@ -72,9 +72,9 @@ _POSITIVE = ("data.batch_size", "data.seq_len", "model.vocab_size", "model.chunk
              "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size",
              "eval.knn_k", "retrieval.embed_batch_size", "retrieval.embed_max_tokens",
              "retrieval.overfetch", "retrieval.nprobe", "retrieval.ef_search")
-_NON_NEGATIVE = ("data.max_documents", "train.warmup_steps", "train.stop_after",
-                 "train.weight_decay", "eval.batches", "retrieval.refresh_every",
-                 "eval.score_from")
+_NON_NEGATIVE = ("data.max_documents", "model.loss_chunk", "train.warmup_steps",
+                 "train.stop_after", "train.weight_decay", "eval.batches",
+                 "retrieval.refresh_every", "eval.score_from")
 # field -> (test, what it must be): ranges that are not just "positive".
 _RANGES = {
     "train.learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -104,6 +104,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks every value before anything is built or run: ranges, the numbers several
   sections share (K, chunk size, sequence length, warmup) and the family's own fields;
   each violation is a one-line UserError naming the field (`configs.load` calls it)."""
+  import models
   from models.family import get as get_family
   from models.layers import Spec
 
@@ -133,6 +134,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not 0 <= cfg.eval.num_neighbours <= m.num_neighbours:
     raise UserError(f"eval.num_neighbours={cfg.eval.num_neighbours} must be in 0.."
                     f"{m.num_neighbours} (model.num_neighbours: the K retrieved; 0 = all)")
+  if m.loss_chunk and fam.loss is not models.lm_loss:
+    raise UserError(f"model.loss_chunk={m.loss_chunk} needs the decoder LM loss; model.name="
+                    f"{m.name!r} has its own: set --config.model.loss_chunk=0")
   fam.validate(cfg)
 
 

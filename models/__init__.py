@@ -4,6 +4,7 @@
     params = models.init_params(config.model, rng, batch)       # float32, unboxed
     axes = models.param_axes(config.model, batch)               # logical PartitionSpecs
     loss, aux = models.make_loss_fn(config.model)(params, batch, rng)
+    n = models.count_params(config, exclude_embeddings=True)   # abstract: nothing allocated
 
 Families (`models/<name>.py`, each exporting `FAMILY`, see `models.family`): transformer
 (the baseline decoder), retro, realm, knnlm, incontext. Building blocks: `models.ops`
@@ -20,6 +21,8 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from models import family as family_lib  # noqa: F401 (models.family is the submodule)
 from models.family import Family, LossFn
@@ -27,7 +30,10 @@ from models.layers import Spec
 
 __all__ = ["Family", "LossFn", "get_family", "get_model", "get_decoder", "init_cache",
            "model_inputs", "init_params", "param_axes", "make_loss_fn", "token_log_probs",
-           "lm_loss"]
+           "chunked_token_log_probs", "lm_loss", "count_params"]
+# Parameters that `count_params(..., exclude_embeddings=True)` leaves out: token embedding
+# tables (nn.Embed's "embedding") and the untied output projection, as the RETRO paper counts.
+_EMBEDDING_PARAMS = ("embedding", "lm_head")
 
 
 def get_family(model_config: Any) -> Family:
@@ -87,6 +93,25 @@ def param_axes(model_config: Any, batch: Mapping[str, jax.Array]) -> Any:
   return nn.get_partition_spec(abstract["params"])
 
 
+def count_params(config_or_params: Any, exclude_embeddings: bool = False) -> int:
+  """Parameters of a params pytree (arrays or shapes), or of a full config's model built
+  abstractly (`jax.eval_shape`: nothing allocated or compiled; `data.seq_len` sizes the
+  example inputs). With `exclude_embeddings`, without the token embedding tables and the
+  output projection, as the RETRO paper counts."""
+  params = config_or_params
+  if isinstance(params, ml_collections.ConfigDict):
+    spec = Spec.from_config(params.model)
+    fam = get_family(spec)
+    batch = fam.example_batch(spec, 1, params.data.seq_len, np.random.default_rng(0))
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        fam.inputs(spec, batch))
+    model = fam.model(spec)
+    params = nn.unbox(jax.eval_shape(lambda a: model.init(jax.random.key(0), *a), args))["params"]
+  return sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if not (exclude_embeddings and any(getattr(k, "key", None) in _EMBEDDING_PARAMS
+                                                for k in path)))
+
+
 def make_loss_fn(model_config: Any) -> LossFn:
   """`loss_fn(params, batch, rng) -> (loss, aux)` of the family; rng=None: no dropout (eval).
 
@@ -113,11 +138,24 @@ def apply_fn(spec: Spec):
 
 
 def lm_loss(spec: Spec) -> LossFn:
-  """The language-model loss: token-weighted mean cross-entropy of the model's logits."""
-  run = apply_fn(spec)
+  """The language-model loss: token-weighted mean cross-entropy of the model's logits.
+
+  With `spec.loss_chunk` > 0 the model returns its final normalised states (`head="hidden"`)
+  and `chunked_token_log_probs` projects them `loss_chunk` positions per sequence at a time
+  with the model's `project`: the float32 [B, L, V] logits never exist at once (same value
+  and gradient).
+  """
+  chunk = spec.loss_chunk
+  run = apply_fn(dataclasses.replace(spec, head="hidden") if chunk else spec)
+  model = get_family(spec).model(spec)
 
   def loss_fn(params, batch, rng):
-    logp_BxL = token_log_probs(run(params, batch, rng), batch["targets"])
+    out = run(params, batch, rng)
+    if chunk:
+      project = lambda h: model.apply({"params": params}, h, method="project")  # noqa: E731
+      logp_BxL = chunked_token_log_probs(project, out, batch["targets"], chunk)
+    else:
+      logp_BxL = token_log_probs(out, batch["targets"])
     weights_BxL = batch["weights"].astype(jnp.float32)
     nll_sum = -jnp.sum(logp_BxL * weights_BxL)
     tokens = jnp.sum(weights_BxL)
@@ -129,6 +167,24 @@ def lm_loss(spec: Spec) -> LossFn:
 def token_log_probs(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
   """log p(target) per position, float32 [B, L] (any leading axes)."""
   return _target_log_prob(logits_BxLxV.astype(jnp.float32), targets_BxL)
+
+
+def chunked_token_log_probs(project: Any, h_BxLxD: jax.Array, targets_BxL: jax.Array,
+                            chunk: int) -> jax.Array:
+  """`token_log_probs(project(h), targets)` computed `chunk` positions of every sequence at
+  a time: a `jax.lax.map` over sequence blocks (the batch axis stays whole, and sharded),
+  each block rematerialised in the backward pass, so only one block's [B, chunk, V]
+  logits exist at once. `project` maps states [..., D] to float32 logits [..., V]."""
+  B, L, D = h_BxLxD.shape
+  blocks = -(-L // chunk)
+  pad = blocks * chunk - L
+  h_nxBxCxD = jnp.pad(h_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+      B, blocks, chunk, D).transpose(1, 0, 2, 3)
+  t_nxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(B, blocks, chunk).transpose(1, 0, 2)
+  block = jax.checkpoint(lambda h_BxCxD, t_BxC: _target_log_prob(
+      project(h_BxCxD).astype(jnp.float32), t_BxC))
+  logp_nxBxC = jax.lax.map(lambda ht: block(*ht), (h_nxBxCxD, t_nxBxC))
+  return logp_nxBxC.transpose(1, 0, 2).reshape(B, blocks * chunk)[:, :L]
 
 
 @jax.custom_vjp

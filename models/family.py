@@ -28,7 +28,7 @@ Batch = Mapping[str, Any]
 LossFn = Callable[[Any, Batch, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]]
 
 # Modules of this package that are building blocks, not families.
-_NOT_FAMILIES = {"family", "layers", "ops"}
+_NOT_FAMILIES = {"attention", "family", "layers", "ops"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,10 @@ def validate(config: Any) -> None:
                     f"data.seq_len={config.data.seq_len}")
   if s.query_len <= 0:
     raise UserError(f"model.incontext.query_len={s.query_len} must be positive")
+  if config.model.loss_chunk:
+    raise UserError(f"model.loss_chunk={config.model.loss_chunk}: In-Context RALM's outputs "
+                    "are mixtures of log-probabilities, not logits; set "
+                    "--config.model.loss_chunk=0")
 
 
 def sample(ctx: Any) -> Callable[[int, int, int], list]:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from common.errors import UserError
+from models.attention import IMPLEMENTATIONS, KeyMask
 from models.ops import Attention, Kernel, Mlp, Positions, RMSNorm, dense, dense_init, embed_init
 
 __all__ = ["Spec", "EncoderSpec", "DecoderBlock", "EncoderBlock", "Encoder", "Kernel",
@@ -34,6 +35,7 @@ class EncoderSpec:
   num_heads: int
   head_dim: int
   mlp_dim: int
+  attention: str = "auto"  # the attention kernel (models.attention), as the decoder's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,10 @@ class Spec:
   encoder: EncoderSpec
   # The family's own fields: config.model.<name> (e.g. model.realm), frozen as pairs.
   options: tuple[tuple[str, Any], ...] = ()
+  attention: str = "auto"  # the attention kernel: models.attention.IMPLEMENTATIONS
+  loss_chunk: int = 0  # >0: the LM loss projects this many positions at a time (lm_loss)
+  # What the decoder returns: "logits", or "hidden" (the final norm's output; lm_loss sets it).
+  head: str = "logits"
 
   def option(self, key: str) -> Any:
     """A field of the family's own config section (`config.model.<name>.<key>`)."""
@@ -75,6 +81,10 @@ class Spec:
     for field in ("width", "num_layers", "num_heads", "head_dim", "mlp_dim", "chunk_size"):
       if cfg[field] <= 0:
         raise UserError(f"model.{field}={cfg[field]} must be positive")
+    attention = cfg.get("attention", "auto")
+    if attention not in IMPLEMENTATIONS:
+      raise UserError(f"model.attention={attention!r} is unknown; use one of "
+                      f"{', '.join(IMPLEMENTATIONS)}")
     if cfg.head_dim % 2 or cfg.encoder.head_dim % 2:
       raise UserError("model.head_dim and model.encoder.head_dim must be even (rotary "
                       "embeddings rotate pairs of features)")
@@ -87,8 +97,10 @@ class Spec:
         cca_layers=tuple(int(i) for i in cfg.cca_layers),
         cca_zero_init=bool(cfg.cca_zero_init),
         num_neighbours=cfg.num_neighbours, neighbour_len=cfg.neighbour_len,
-        encoder=EncoderSpec(e.width, e.num_layers, e.num_heads, e.head_dim, e.mlp_dim),
-        options=_frozen(cfg.get(cfg.name)))
+        encoder=EncoderSpec(e.width, e.num_layers, e.num_heads, e.head_dim, e.mlp_dim,
+                            attention),
+        options=_frozen(cfg.get(cfg.name)), attention=attention,
+        loss_chunk=int(cfg.get("loss_chunk", 0)))
 
 
 def _frozen(section: Any) -> tuple[tuple[str, Any], ...]:
@@ -119,11 +131,11 @@ class DecoderBlock(nn.Module):
     attention = _maybe_remat(Attention, s.remat)
     self.attn_norm = RMSNorm(s.dtype)
     self.attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, causal=True,
-                          dtype=s.dtype)
+                          dtype=s.dtype, implementation=s.attention)
     if self.cross:
       self.cross_norm = RMSNorm(s.dtype)
       self.cross_attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, dtype=s.dtype,
-                                  zero_out=s.cca_zero_init)
+                                  implementation=s.attention, zero_out=s.cca_zero_init)
     self.mlp_norm = RMSNorm(s.dtype)
     self.mlp = _maybe_remat(Mlp, s.remat)(s.mlp_dim, dtype=s.dtype)
     self.drop = nn.Dropout(s.dropout)
@@ -188,11 +200,11 @@ class EncoderBlock(nn.Module):
     x_MxRxE = x_NxKxRxE.reshape(N * K, R, E)
     valid_MxR = valid_NxKxR.reshape(N * K, R)
     # Padding keys are masked; every token still sees itself, so no row is empty.
-    mask_Mx1xRxR = valid_MxR[:, None, None, :] | jnp.eye(R, dtype=bool)[None, None]
+    mask = KeyMask(valid_MxR, self_visible=True)
     h_MxRxE = RMSNorm(self.dtype, name="attn_norm")(x_MxRxE)
     x_MxRxE = x_MxRxE + drop(attention(s.num_heads, s.head_dim, E, self.rope_base,
-                                       dtype=self.dtype, name="attn")(
-                                           h_MxRxE, None, pos_R, pos_R, mask_Mx1xRxR),
+                                       dtype=self.dtype, implementation=s.attention,
+                                       name="attn")(h_MxRxE, None, pos_R, pos_R, mask),
                              deterministic=deterministic)
     x_NxTxE = x_MxRxE.reshape(N, K * R, E)
     if self.cross:
@@ -200,7 +212,8 @@ class EncoderBlock(nn.Module):
       pos_T = pos_R * K
       pos_S = tuple(range(ctx_NxSxD.shape[1]))
       x_NxTxE = x_NxTxE + drop(attention(s.num_heads, s.head_dim, E, self.rope_base,
-                                         dtype=self.dtype, name="cross_attn")(
+                                         dtype=self.dtype, implementation=s.attention,
+                                         name="cross_attn")(
                                              h_NxTxE, ctx_NxSxD, pos_T, pos_S),
                                deterministic=deterministic)
     h_NxTxE = RMSNorm(self.dtype, name="mlp_norm")(x_NxTxE)

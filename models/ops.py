@@ -5,9 +5,10 @@ Parameters are float32 and carry logical axis names ("embed", "mlp", "heads", "k
 mesh; computation runs in the module's `dtype` (bfloat16 on request).
 
 Written for XLA's CPU backend (bench/train_throughput.py measures it): every dense layer
-is one 2-D matmul, self-attention projects q, k and v with one matmul, causal attention
-skips the blocks above the diagonal, masks are additive biases, and rotary tables are
-constants. The parameters keep flax's `Dense`/`DenseGeneral` names, shapes and init.
+is one 2-D matmul, self-attention projects q, k and v with one matmul, and rotary tables
+are constants. The attention kernel itself is `models.attention` (`model.attention`
+chooses it: cuDNN, splash, XLA, or the blocked CPU one). The parameters keep flax's
+`Dense`/`DenseGeneral` names, shapes and init.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models.attention import Mask, attend, attention
 
 # Token positions for rotary embeddings: static and hashable (remat specialises on them).
 Positions = tuple[int, ...]
@@ -141,79 +144,19 @@ def rope(x_BxTxHxD: jax.Array, pos_T: Positions | jax.Array, base: float, scale:
   return out.astype(x_BxTxHxD.dtype)
 
 
-# The logit bias of masked keys (`jax.nn.dot_product_attention` substitutes the same value):
-# finite, so a fully masked row stays uniform (never NaN); next to any unmasked key the
-# masked ones get probability, and gradient, exactly 0.
-_MASKED = np.float32(-0.7 * np.finfo(np.float32).max)
-# Query block of causal attention: block i attends to keys [0, (i+1)*block) only, skipping
-# the fully masked blocks above the diagonal (at L=512 the work falls to 5/8).
-CAUSAL_BLOCK = 128
-
-
-@jax.custom_jvp
-def _softmax(x: jax.Array) -> jax.Array:
-  """Softmax over the last axis; its derivative is written out (y * (t - <y, t>)), which
-  XLA's CPU backend runs about 10% faster in attention than `jax.nn.softmax`'s."""
-  e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-  return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
-
-
-@_softmax.defjvp
-def _softmax_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
-                 ) -> tuple[jax.Array, jax.Array]:
-  (x,), (t,) = primals, tangents
-  y = _softmax(x)
-  return y, y * (t - jnp.sum(y * t, axis=-1, keepdims=True))
-
-
-def _rows(mask_Bx1xTxS: jax.Array, t0: int, t1: int, s1: int) -> jax.Array:
-  """Rows t0:t1 (unless broadcast) and the first s1 keys (unless broadcast) of a mask."""
-  rows = slice(t0, t1) if mask_Bx1xTxS.shape[2] > 1 else slice(None)
-  keys = slice(0, s1) if mask_Bx1xTxS.shape[3] > 1 else slice(None)
-  return mask_Bx1xTxS[:, :, rows, keys]
-
-
-def attend(q_BxHxTxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array,
-           mask_Bx1xTxS: jax.Array | None = None, causal: bool = False) -> jax.Array:
-  """softmax(q k^T + masks) v per head; `q` already carries the 1/sqrt(K) scale.
-
-  Logits and softmax are float32 (as in `jax.nn.dot_product_attention`); `causal`
-  (self-attention, T == S) runs in query blocks of `CAUSAL_BLOCK` that skip the keys after
-  the block, which are masked anyway. `mask_Bx1xTxS` (True = attend) broadcasts.
-  """
-  T, S = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
-  step = CAUSAL_BLOCK if causal else T
-  outs = []
-  for t0 in range(0, T, step):
-    t1 = min(t0 + step, T)
-    s1 = t1 if causal else S
-    logits_BxHxQxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxTxK[:, :, t0:t1], k_BxHxSxK[:, :, :s1],
-                                preferred_element_type=jnp.float32)
-    keep = None if mask_Bx1xTxS is None else _rows(mask_Bx1xTxS, t0, t1, s1)
-    if causal:
-      tri_QxS = np.arange(s1)[None, :] <= np.arange(t0, t1)[:, None]
-      keep = tri_QxS if keep is None else keep & tri_QxS
-    if keep is not None:
-      # An additive bias of the mask's (broadcast) shape: a select against the full
-      # logits costs XLA's CPU backend twice the time of the whole masked softmax.
-      logits_BxHxQxS = logits_BxHxQxS + jnp.where(keep, np.float32(0), _MASKED)
-    probs_BxHxQxS = _softmax(logits_BxHxQxS).astype(v_BxHxSxK.dtype)
-    outs.append(jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxQxS, v_BxHxSxK[:, :, :s1]))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-
-
 class Attention(nn.Module):
   """Multi-head attention with rotary positions.
 
   Queries come from `x`, keys and values from `kv`, or from `x` too with `kv=None`
   (self-attention: then one matmul projects q, k and v); `causal` adds the causal mask,
-  `mask_Bx1xTxS` (True = attend) any other. Parameters: `query`, `key`, `value`
+  `mask` any other (a `models.attention.KeyMask`, or a dense [B, 1, T, S], True = attend).
+  `implementation` is the kernel (`models.attention`). Parameters: `query`, `key`, `value`
   ([D, H, K] kernels) and `out` ([H, K, D]), as with flax's `DenseGeneral`.
 
   `decode=True` (self-attention only) keeps the rotated keys and the values of every
   position in the "cache" collection: `init` with decode sizes the cache by its input
   length S; each later call writes its T new keys and values at positions `pos_S` (an
-  array) and attends over all S cached positions, so `mask_Bx1xTxS` must say which of
+  array) and attends over all S cached positions, so a dense `mask` must say which of
   them each query sees. `zero_out=True` initialises `out` at zero: the layer starts as a
   no-op on the residual stream (RETRO's CCA, `model.cca_zero_init`).
   """
@@ -223,12 +166,13 @@ class Attention(nn.Module):
   rope_base: float
   causal: bool = False
   dtype: Any = jnp.float32
+  implementation: str = "auto"
   zero_out: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None,
                pos_T: Positions | jax.Array, pos_S: Positions | jax.Array,
-               mask_Bx1xTxS: jax.Array | None = None, decode: bool = False) -> jax.Array:
+               mask: Mask = None, decode: bool = False) -> jax.Array:
     H, K = self.num_heads, self.head_dim
     self_attention = kv_BxSxE is None
     kv_BxSxE = x_BxTxD if self_attention else kv_BxSxE
@@ -245,24 +189,33 @@ class Attention(nn.Module):
       kv_BxSx2xHxK = dense(kv_BxSxE, jnp.concatenate([wk_ExHK, wv_ExHK], 1),
                            self.dtype).reshape(B, S, 2, H, K)
       k_BxSxHxK, v_BxSxHxK = kv_BxSx2xHxK[:, :, 0], kv_BxSx2xHxK[:, :, 1]
-    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))
-    q_BxHxTxK = heads_first(rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5))
-    k_BxHxSxK = heads_first(rope(k_BxSxHxK, pos_S, self.rope_base))
-    v_BxHxSxK = heads_first(v_BxSxHxK)
-    causal = self.causal
+    q_BxTxHxK = rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5)
+    k_BxSxHxK = rope(k_BxSxHxK, pos_S, self.rope_base)
     if decode:
-      keys = self.variable("cache", "cached_key", jnp.zeros, k_BxHxSxK.shape, k_BxHxSxK.dtype)
-      values = self.variable("cache", "cached_value", jnp.zeros, v_BxHxSxK.shape,
-                             v_BxHxSxK.dtype)
-      if not self.is_initializing():
-        start = (0, 0, pos_S[0], 0)
-        keys.value = jax.lax.dynamic_update_slice(keys.value, k_BxHxSxK, start)
-        values.value = jax.lax.dynamic_update_slice(values.value, v_BxHxSxK, start)
-        k_BxHxSxK, v_BxHxSxK, causal = keys.value, values.value, False
-    out_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS, causal)
+      out_BxTxHxK = self._decode(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, pos_S, mask)
+    else:
+      out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, self.causal,
+                              self.implementation)
     wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), zero=self.zero_out,
                      name="out")((H, K))
-    return dense(heads_first(out_BxHxTxK), wo_HKxD, self.dtype, in_dims=2)
+    return dense(out_BxTxHxK, wo_HKxD, self.dtype, in_dims=2)
+
+  def _decode(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
+              pos_S: Positions | jax.Array, mask_Bx1xTxS: jax.Array | None) -> jax.Array:
+    """Attention over the cached keys and values (heads first), cpu_blocked (plain XLA)."""
+    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))
+    k_BxHxSxK, v_BxHxSxK = heads_first(k_BxSxHxK), heads_first(v_BxSxHxK)
+    keys = self.variable("cache", "cached_key", jnp.zeros, k_BxHxSxK.shape, k_BxHxSxK.dtype)
+    values = self.variable("cache", "cached_value", jnp.zeros, v_BxHxSxK.shape,
+                           v_BxHxSxK.dtype)
+    causal = self.causal
+    if not self.is_initializing():
+      start = (0, 0, pos_S[0], 0)
+      keys.value = jax.lax.dynamic_update_slice(keys.value, k_BxHxSxK, start)
+      values.value = jax.lax.dynamic_update_slice(values.value, v_BxHxSxK, start)
+      k_BxHxSxK, v_BxHxSxK, causal = keys.value, values.value, False
+    return heads_first(attend(heads_first(q_BxTxHxK), k_BxHxSxK, v_BxHxSxK, mask_Bx1xTxS,
+                              causal))
 
 
 class Mlp(nn.Module):

@@ -30,6 +30,7 @@ import numpy as np
 
 import models
 from common.errors import UserError
+from models.attention import KeyMask
 from models.family import EvalVariant, Family, RetrievalSpec, token_batch
 from models.layers import DecoderBlock, Encoder, Spec
 from models.transformer import Transformer
@@ -74,7 +75,7 @@ class Retro(Transformer):
     valid_NxT = valid_NxKxR.reshape(N, K * R)
     upd_NxMxD = block.cross_attention(
         h_NxMxD, enc_NxKxRxE.reshape(N, K * R, E), tuple(range(m - 1, 2 * m - 1)),
-        tuple(range(R)) * K, valid_NxT[:, None, None, :], deterministic)
+        tuple(range(R)) * K, KeyMask(valid_NxT), deterministic)
     upd_NxMxD = upd_NxMxD * valid_NxT.any(-1)[:, None, None].astype(upd_NxMxD.dtype)
     upd_BxLxD = upd_NxMxD.reshape(B, L, D)
     return jnp.pad(upd_BxLxD[:, :L - (m - 1)], ((0, 0), (m - 1, 0), (0, 0)))

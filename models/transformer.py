@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from models.attention import KeyMask
 from models.family import Family
 from models.layers import DecoderBlock, Kernel, RMSNorm, Spec, dense, embed_init
 
@@ -38,9 +39,16 @@ class Transformer(nn.Module):
     return False
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final norm and output projection; float32 logits whatever the compute dtype."""
+    """Final norm and output projection; float32 logits whatever the compute dtype. With
+    `spec.head == "hidden"` the normalised states alone (`models.lm_loss` projects them
+    a block at a time with `project`)."""
+    h_BxLxD = self.final_norm(x_BxLxD)
+    return h_BxLxD if self.spec.head == "hidden" else self.project(h_BxLxD)
+
+  def project(self, h_BxLxD: jax.Array) -> jax.Array:
+    """The output projection of normalised states: float32 logits [..., V]."""
     s = self.spec
-    return dense(self.final_norm(x_BxLxD), self.lm_head((s.width,)), s.dtype).astype(jnp.float32)
+    return dense(h_BxLxD, self.lm_head((s.width,)), s.dtype).astype(jnp.float32)
 
   @nn.compact
   def decode_positions(self, inputs_BxT: jax.Array, valid_BxT: jax.Array | None = None
@@ -80,8 +88,7 @@ class Transformer(nn.Module):
     if decode:
       pos_L, mask_Bx1xLxS = self.decode_positions(inputs_BxL, valid_BxL)
     elif valid_BxL is not None:
-      eye_LxL = jnp.eye(inputs_BxL.shape[1], dtype=bool)
-      mask_Bx1xLxS = valid_BxL[:, None, None, :] | eye_LxL[None, None]
+      mask_Bx1xLxS = KeyMask(valid_BxL, self_visible=True)
     x_BxLxD = self.drop(self.embed(inputs_BxL), deterministic=deterministic)
     for block in self.blocks:
       x_BxLxD, key_BxLxD = block(x_BxLxD, deterministic, mask_Bx1xLxS, pos_L, decode)

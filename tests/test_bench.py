@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("argv, keys", [
     (["bench/train_throughput.py", "--config", "tiny_retro", "--steps", "1"],
-     {"train_tokens_per_s", "forward_tokens_per_s", "train_flops_xla"}),
+     {"train_tokens_per_s", "forward_tokens_per_s", "train_flops_xla", "model_flops_per_token",
+      "peak_flops_per_s_per_device", "mfu", "forward_mfu"}),
     (["bench/knnlm.py", "--config", "tiny_knnlm", "--entries", "3000", "--batches", "1"],
      {"lm_tokens_per_s", "knnlm_approximate_tokens_per_s", "knnlm_exact_tokens_per_s",
       "knnlm_approximate_vs_lm"}),
@@ -30,3 +31,5 @@ def test_bench_prints_one_json_line(argv, keys, tmp_path):
   assert len(lines) == 1, proc.stdout[-2000:]
   result = json.loads(lines[0])
   assert keys <= set(result), sorted(result)
+  if "mfu" in keys:  # on CPU against its measured float32 matmul peak
+    assert 0 < result["mfu"] < 1 and result["peak_source"].startswith("measured"), result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,34 +13,47 @@ import pytest
 import configs
 import models
 from common.errors import UserError
+from configs import base
 from models.layers import Spec
 
 
-def _example_batch(cfg) -> dict[str, jax.ShapeDtypeStruct]:
-  """Abstract inputs of one sequence of `data.seq_len` tokens, with the retrieval inputs
-  the family reads (RETRO: neighbours of every chunk; REALM: candidates and embeddings)."""
+# Parameters without embeddings of the RETRO paper's models (Borgeaud et al. 2021, Table 2).
+PAPER_PARAMS = {"baseline_172m": 132e6, "retro_172m": 172e6, "baseline_425m": 368e6,
+                "retro_425m": 425e6}
+TRACE_LEN = 128  # tokens the models are traced at (shapes, not lengths, are checked)
+
+
+def _example_batch(cfg, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract inputs of one sequence of `length` tokens, with the retrieval inputs the
+  family reads (RETRO: neighbours of every chunk; REALM: candidates and embeddings)."""
   spec = Spec.from_config(cfg.model)
-  batch = models.get_family(spec).example_batch(spec, 1, cfg.data.seq_len,
-                                                np.random.default_rng(0))
+  batch = models.get_family(spec).example_batch(spec, 1, length, np.random.default_rng(0))
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_model(name: str) -> tuple:
+  """(config, trace length, abstract params, abstract outputs) of a named config, traced
+  abstractly (Flax builds a module lazily, so constructing it alone checks nothing;
+  compiling the full-size configs would take minutes), at up to TRACE_LEN tokens."""
+  cfg = configs.load(name)
+  m, L = cfg.model, min(cfg.data.seq_len, TRACE_LEN)
+  model = models.get_model(m)
+  args = models.model_inputs(m, _example_batch(cfg, L))
+  params = nn.unbox(jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), *a), args))["params"]
+  out = jax.eval_shape(lambda p, a: model.apply({"params": p}, *a), params, args)
+  return cfg, L, params, out
 
 
 @pytest.mark.parametrize("name", configs.names())
 def test_config_parses_and_builds_model(name):
-  cfg = configs.load(name)
+  cfg, L, params, out = _abstract_model(name)
   assert cfg.name == name
   assert cfg.model.name in {"transformer", "retro", "realm", "knnlm", "incontext"}
   assert cfg.data.seq_len % cfg.model.chunk_size == 0
   assert cfg.model.neighbour_len == 2 * cfg.model.chunk_size
   assert all(1 <= layer <= cfg.model.num_layers for layer in cfg.model.cca_layers)
-  # The model initialises and runs on this config's shapes (traced abstractly: Flax builds
-  # a module lazily, so constructing it alone checks nothing; compiling the full-size
-  # configs would take minutes).
-  m, L = cfg.model, cfg.data.seq_len
-  model = models.get_model(m)
-  args = models.model_inputs(m, _example_batch(cfg))
-  params = nn.unbox(jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), *a), args))["params"]
-  out = jax.eval_shape(lambda p, a: model.apply({"params": p}, *a), params, args)
+  m = cfg.model
   if m.name == "realm":
     retrieval, logits = out
     assert retrieval.shape == (1, m.num_neighbours + 1)
@@ -57,6 +72,28 @@ def test_config_parses_and_builds_model(name):
   assert ("encoder" in params) == (m.name == "retro")
   count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
   assert count > m.vocab_size * m.width + m.num_layers * m.width * m.mlp_dim
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_presets_have_the_papers_shapes_and_parameter_counts(name):
+  """Built abstractly (jax.eval_shape), each preset's parameters without embeddings are
+  within 10% of the paper's (ours lack the relative-position projections: 7-9% fewer),
+  and RETRO's retrieval parameters (encoder + CCA) within 6% of the paper's 40M / 57M."""
+  cfg, _, params, _ = _abstract_model(name)
+  m, size = cfg.model, name.split("_")[1]
+  assert (m.width, m.num_layers, m.num_heads, m.head_dim, m.mlp_dim) == \
+      base.PAPER_DECODERS[size]
+  assert cfg.data.seq_len == 2048 and m.dtype == "bfloat16" and m.remat
+  assert m.vocab_size == base.PAPER_VOCAB and m.cca_layers == (6, 9, 12)
+  count = models.count_params(params, exclude_embeddings=True)
+  print(f"{name}: {count / 1e6:.1f}M parameters without embeddings "
+        f"(paper {PAPER_PARAMS[name] / 1e6:.0f}M)")
+  assert abs(count / PAPER_PARAMS[name] - 1) <= 0.10
+  if m.name == "retro":
+    baseline = _abstract_model(f"baseline_{size}")[2]
+    extra = count - models.count_params(baseline, exclude_embeddings=True)
+    paper = PAPER_PARAMS[name] - PAPER_PARAMS[f"baseline_{size}"]
+    assert abs(extra / paper - 1) <= 0.06, (extra, paper)
 
 
 def test_bench_small_matches_the_issue():
@@ -116,6 +153,8 @@ BAD_VALUES = [
     ("model.name=gpt", "model.name='gpt' is unknown"),
     ("model.dtype=int8", "model.dtype='int8' is unsupported"),
     ("model.head_dim=15", "must be even"),
+    ("model.attention=flash", "model.attention='flash' is unknown; use one of auto, xla"),
+    ("model.loss_chunk=-1", "model.loss_chunk=-1 must be >= 0"),
 ]
 
 
@@ -132,6 +171,8 @@ def test_every_config_rejects_each_bad_value_in_one_line(name):
     ("tiny_realm", "model.realm.doc_encoder=frozen", "model.realm.doc_encoder='frozen' is unknown"),
     ("tiny_incontext", "model.incontext.stride=48", "model.incontext.stride=48 must be a "
                                                     "positive divisor of data.seq_len=128"),
+    ("tiny_incontext", "model.loss_chunk=64", "model.loss_chunk=64: In-Context RALM's outputs"),
+    ("tiny_realm", "model.loss_chunk=64", "model.loss_chunk=64 needs the decoder LM loss"),
 ])
 def test_family_fields_are_validated_at_load(name, override, words):
   with pytest.raises(UserError) as e:

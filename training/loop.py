@@ -40,7 +40,7 @@ from common.artifacts import atomic_write_text
 from common.errors import UserError
 from data import dataset
 from retrieval import build, candidates, datastore
-from training import checkpoint, metrics as metrics_lib, sharding
+from training import checkpoint, flops as flops_lib, metrics as metrics_lib, sharding
 from training.lock import RunLock
 from training.state import abstract_train_state, create_train_state, warm_start
 from training.step import make_train_step
@@ -48,7 +48,7 @@ from training.step import make_train_step
 HOST_ONLY_KEYS = ("index",)  # batch entries for the host (citations), never sent to devices
 FINITE_KEYS = ("loss", "grad_norm", "param_norm")  # checked every step, before any save
 # Model fields a resumed run may change: they do not change the parameters' shapes.
-RESUMABLE_MODEL_FIELDS = ("dropout", "dtype", "remat")
+RESUMABLE_MODEL_FIELDS = ("dropout", "dtype", "remat", "attention", "loss_chunk")
 
 
 def device_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
@@ -257,6 +257,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   loss_fn = models.make_loss_fn(config.model)
   step_fn = make_train_step(config, loss_fn, shardings, mesh)
   eval_fn = make_eval_fn(config.model)
+  model_flops = flops_lib.model_flops(config.model, config.data.seq_len)
+  peak, source = flops_lib.peak_flops_per_s(jax.devices()[0], config.model.dtype, 1024)
+  print(flops_lib.summary(state.params, model_flops, peak, source), flush=True)
   timings["init"] = time.perf_counter() - start
 
   refreshed_at = 0
@@ -287,6 +290,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
       rate = (step - last_tick_step) * tokens_per_step / max(now - last_tick, 1e-9)
       last_tick, last_tick_step = now, step
       host = {**host, "tokens_per_second": rate}
+      if peak:  # model FLOPs utilisation: training.flops
+        host["mfu"] = rate * model_flops.train / (peak * jax.device_count())
       writer.write(step, host)
       bar.set_postfix(loss=f"{host['loss']:.3f}", tok_s=f"{rate:,.0f}")
 

@@ -57,8 +57,16 @@ def train_step_fn(train_config: ml_collections.ConfigDict, loss_fn: LossFn) -> S
 def make_train_step(config: ml_collections.ConfigDict, loss_fn: LossFn, state_shardings: Any,
                     mesh: Mesh) -> StepFn:
   """`train_step_fn` jitted for `mesh`: state in/out with `state_shardings` (donated), batch
-  split over (data, fsdp), metrics replicated."""
-  return jax.jit(train_step_fn(config.train, loss_fn),
+  split over (data, fsdp), metrics replicated. It is traced with `mesh` as the abstract
+  mesh, so kernels that must run per shard (splash attention) find it."""
+  step = train_step_fn(config.train, loss_fn)
+
+  def step_on_mesh(state: TrainState, batch: Mapping[str, jax.Array]
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(state, batch)
+
+  return jax.jit(step_on_mesh,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
