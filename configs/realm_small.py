@@ -1,4 +1,5 @@
-"""REALM reader over top-k retrieved chunks with a null document, same decoder size."""
+"""REALM reader over top-k retrieved chunks with a null document, same decoder size (warm-start
+its reader from a baseline: --config.train.init_from=runs/baseline_small)."""
 
 from configs import base
 

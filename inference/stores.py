@@ -40,7 +40,14 @@ class ChunkStore:
 
   def search(self, chunks_Bxm: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [B, k] (-1 = none), distances [B, k]) of the chunks nearest to each row."""
-    queries_BxE = self.embedder.embed_chunks(chunks_Bxm, self.tokenizer)
+    return self.search_vectors(self.embed(chunks_Bxm), k)
+
+  def embed(self, chunks_Bxm: np.ndarray) -> np.ndarray:
+    """float32 [B, E]: the embedder's vectors of token chunks (the index's query space)."""
+    return self.embedder.embed_chunks(chunks_Bxm, self.tokenizer)
+
+  def search_vectors(self, queries_BxE: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search` by query vectors from `embed`."""
     dists_BxK, ids_BxK = index_lib.search(self.index, queries_BxE, k)
     return ids_BxK, dists_BxK
 

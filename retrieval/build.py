@@ -43,13 +43,14 @@ class Builder:
   check: Callable[..., None]  # (config, request, embedder): UserError on a bad request
   queries: Callable[..., np.ndarray]  # (config, prepared, split, embedder, request)
   search: Callable[..., dict[str, np.ndarray]]  # (config, request, dir, split, queries, ...)
+  per_query: tuple[str, ...] = ()  # arrays without a K axis (`core.Retrieved.per_query`)
 
 
 BUILDERS = {
     "neighbours": Builder(neighbours.ARTIFACT, neighbours.IDS, neighbours.check,
                           neighbours.queries, neighbours.search),
     "candidates": Builder(candidates.ARTIFACT, candidates.IDS, candidates.check,
-                          candidates.queries, candidates.search),
+                          candidates.queries, candidates.search, (candidates.QUERIES,)),
 }
 
 
@@ -164,7 +165,7 @@ def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepare
   else:
     print(f"reusing cached {kind} {final}", flush=True)
   return core.load_retrieved(final, inputs, rebuild_hint(config, final), request.batch_keys,
-                             artifacts_lib.rebuild_command(config.name))
+                             artifacts_lib.rebuild_command(config.name), builder.per_query)
 
 
 def summary(artifacts: Artifacts) -> str:

@@ -3,12 +3,14 @@ stale-index refresh that recomputes them with new encoders.
 
     arrays = realm_split(directory, queries_SxE, split, store.split, store_NxE, index, k,
                          overfetch, metric)
-    new = refresh(embed_docs, embed_queries, store.split, store_NxE, splits, k)  # in memory
+    new = refresh(embed_docs, embed_queries, store.split, store_NxE, splits, queries, k)
 
 Arrays per split: `candidate_ids` int64 [S, K] (-1 = none), `candidates` int32 [S, K, R]
 (R tokens from each chunk's start, `core.chunk_windows`), `candidate_embeddings` float32
 [S, K, E] (the chunk's embedding in the index the candidates were found with: the stale
-vector the model's document encoder starts from), `candidate_scores` float32 [S, K].
+vector the model's document encoder starts from), `candidate_scores` float32 [S, K],
+`query_embedding` float32 [S, E] (the embedder's vector of the sequence's first chunk: the
+query the search used, which the model's query encoder starts from).
 Excluded are chunks of the documents of the sequence's first token and of the token after
 its end. The artifact kind is "realm_candidates".
 """
@@ -35,7 +37,8 @@ from retrieval import shards
 ARTIFACT = "realm_candidates"  # cache kind of every candidates artifact
 IDS = "candidate_ids"  # the array whose -1 entries are unfilled candidates
 SEQUENCES_PER_SHARD = 4096  # query sequences per resumable shard
-REFRESH_BATCH_KEYS = ("candidates", "candidate_embeddings")  # refresh's batch, by default
+QUERIES = "query_embedding"  # the array of the queries' stale vectors
+REFRESH_BATCH_KEYS = ("candidates", "candidate_embeddings", QUERIES)  # refresh's default batch
 
 
 def check(config: ml_collections.ConfigDict, request: family.RetrievalSpec,
@@ -89,7 +92,8 @@ def realm_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSp
            "candidates": core.chunk_windows(store.tokens, store.token_doc, ids_SxK,
                                             store.chunk_size, length),
            "candidate_embeddings": np.where(live_SxK[..., None], vecs_SxKxE, 0).astype(np.float32),
-           "candidate_scores": scores_SxK}
+           "candidate_scores": scores_SxK,
+           QUERIES: np.asarray(queries_NxE[s0:s1], np.float32)}
     timings["search_s"] = timings.get("search_s", 0.0) + t1 - t0
     timings["materialise_s"] = timings.get("materialise_s", 0.0) + time.perf_counter() - t1
     return out
@@ -131,8 +135,9 @@ def _embed_in_batches(fn: Callable[..., np.ndarray], arrays: Sequence[np.ndarray
 
 
 def refresh(embed_docs: Callable[[np.ndarray, np.ndarray], np.ndarray],
-            embed_queries: Callable[[np.ndarray], np.ndarray], datastore: dataset.TokenSplit,
-            stale_NxE: np.ndarray, splits: Mapping[str, dataset.TokenSplit], k: int, *,
+            embed_queries: Callable[[np.ndarray, np.ndarray], np.ndarray],
+            datastore: dataset.TokenSplit, stale_NxE: np.ndarray,
+            splits: Mapping[str, dataset.TokenSplit], queries: Mapping[str, np.ndarray], k: int, *,
             overfetch: int = 4, metric: str = "ip", index_spec: str = "auto",
             memory_budget_gb: float = 4.0, nprobe: int = index_lib.NPROBE,
             ef_search: int = index_lib.EF_SEARCH, batch_size: int = 256,
@@ -142,16 +147,19 @@ def refresh(embed_docs: Callable[[np.ndarray, np.ndarray], np.ndarray],
   Args:
     embed_docs: (int32 [n, m] datastore chunks, float32 [n, E] their stale embeddings)
       -> float32 [n, E] (the document encoder).
-    embed_queries: int32 [n, m] first chunks of sequences -> float32 [n, E] (query encoder).
-      Both are called on batches of exactly `batch_size` rows (the last one zero-padded).
+    embed_queries: (int32 [n, m] first chunks of sequences, float32 [n, E] their stale
+      embeddings) -> float32 [n, E] (the query encoder). Both are called on batches of
+      exactly `batch_size` rows (the last one zero-padded).
     datastore: the chunk table to re-embed and index.
     stale_NxE: its chunks' embeddings in the original index (what embed_docs starts from).
     splits: name -> split whose sequences get candidates.
+    queries: name -> float32 [S, E], the stale query vectors of the split's sequences (the
+      artifact's `query_embedding`); kept in the new candidates.
     k: candidates per sequence (the request's k); the other arguments configure the search
       as in the config; batch_keys: the request's batch_keys.
   Returns:
     Retrieved(kind="realm_candidates") of the new candidates; their `candidate_embeddings`
-    are the stale ones, which the model's document encoder takes as input in the step.
+    (and `query_embedding`) are the stale ones, which the model's encoders take as input.
   """
   m = datastore.chunk_size
   doc_NxE = _embed_in_batches(embed_docs, (datastore.chunk_tokens(), stale_NxE), batch_size,
@@ -164,7 +172,7 @@ def refresh(embed_docs: Callable[[np.ndarray, np.ndarray], np.ndarray],
     L = split.seq_len
     starts = np.arange(split.num_sequences) * L
     first_Sxm = np.asarray(split.tokens[starts[:, None] + np.arange(m)])
-    q_SxE = _embed_in_batches(embed_queries, (first_Sxm,), batch_size,
+    q_SxE = _embed_in_batches(embed_queries, (first_Sxm, queries[name]), batch_size,
                               f"refresh: embed {name} queries")
     docs_SxJ = core.query_docs(split.token_doc, core.doc_codes(split.doc_ids, datastore.doc_ids),
                                starts, starts + L)
@@ -175,5 +183,7 @@ def refresh(embed_docs: Callable[[np.ndarray, np.ndarray], np.ndarray],
         "candidates": core.chunk_windows(datastore.tokens, datastore.token_doc, ids_SxK, m, m),
         "candidate_embeddings": np.where(live_SxK[..., None],
                                          stale_NxE[np.where(live_SxK, ids_SxK, 0)], 0),
-        "candidate_scores": scores_SxK}
-  return core.Retrieved(kind=ARTIFACT, arrays=out, batch_keys=tuple(batch_keys))
+        "candidate_scores": scores_SxK,
+        QUERIES: queries[name]}
+  return core.Retrieved(kind=ARTIFACT, arrays=out, batch_keys=tuple(batch_keys),
+                        per_query=(QUERIES,))

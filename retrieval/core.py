@@ -152,8 +152,9 @@ class Retrieved:
   `neighbour_ids` int64 [S, W, K] (datastore chunk, -1 = none), `neighbour_dists` float32
   [S, W, K], W query windows per sequence. kind "realm_candidates" (retrieval/candidates.py):
   `candidate_ids` int64 [S, K], `candidates` int32 [S, K, R], `candidate_embeddings`
-  float32 [S, K, E], `candidate_scores` float32 [S, K]. Arrays are memory-mapped when read
-  from disk. `batch_keys`: the arrays that go into a batch (the request's).
+  float32 [S, K, E], `candidate_scores` float32 [S, K], `query_embedding` float32 [S, E].
+  Arrays are memory-mapped when read from disk. `batch_keys`: the arrays that go into a
+  batch (the request's); `per_query`: the arrays without a K axis (one row per query).
   """
 
   kind: str
@@ -161,6 +162,7 @@ class Retrieved:
   directory: Path | None = None
   manifest: dict | None = None
   batch_keys: tuple[str, ...] = ()
+  per_query: tuple[str, ...] = ()
 
   @property
   def _k_axis(self) -> int:
@@ -177,7 +179,7 @@ class Retrieved:
     """The same artifact with only the first (best) k items of every query."""
     axis = self._k_axis
     take = (slice(None),) * axis + (slice(0, k),)
-    arrays = {split: {name: a[take] for name, a in per.items()}
+    arrays = {split: {name: a if name in self.per_query else a[take] for name, a in per.items()}
               for split, per in self.arrays.items()}
     return dataclasses.replace(self, arrays=arrays)
 
@@ -197,10 +199,12 @@ class Retrieved:
 
 
 def load_retrieved(directory: str | os.PathLike, expected_inputs: Mapping[str, str],
-                   hint: str, batch_keys: Sequence[str] = (), rebuild: str = "") -> Retrieved:
+                   hint: str, batch_keys: Sequence[str] = (), rebuild: str = "",
+                   per_query: Sequence[str] = ()) -> Retrieved:
   """A committed neighbours/candidates artifact, after checking its manifest against
   `expected_inputs` (one-line UserError "stale <kind> at ..." otherwise) and its files
-  (one-line "<kind> artifact ... is damaged: ..."; `rebuild`: the command that rebuilds it)."""
+  (one-line "<kind> artifact ... is damaged: ..."; `rebuild`: the command that rebuilds it;
+  `per_query`: its arrays without a K axis)."""
   directory = Path(directory)
   manifest = artifacts.check_manifest(directory, expected_inputs, hint, rebuild)
   arrays = {}
@@ -209,4 +213,4 @@ def load_retrieved(directory: str | os.PathLike, expected_inputs: Mapping[str, s
     arrays[listing.parent.name] = {name: np.load(listing.parent / f"{name}.npy", mmap_mode="r")
                                    for name in names}
   return Retrieved(kind=manifest["kind"], arrays=arrays, directory=directory, manifest=manifest,
-                   batch_keys=tuple(batch_keys))
+                   batch_keys=tuple(batch_keys), per_query=tuple(per_query))

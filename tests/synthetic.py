@@ -12,8 +12,8 @@ from models.family import RetrievalSpec
 # builders can be tested with an explicit request.
 RETRO_REQUEST = RetrievalSpec(kind="neighbours", k=2, length=128, batch_keys=("neighbours",),
                               stride=64, query_len=64)
-REALM_REQUEST = RetrievalSpec(kind="candidates", k=4, length=64,
-                              batch_keys=("candidates", "candidate_embeddings"))
+REALM_REQUEST = RetrievalSpec(kind="candidates", k=4, length=64, query_len=64,
+                              batch_keys=("candidates", "candidate_embeddings", "query_embedding"))
 
 
 def write_corpus(directory: Path, num_docs: int = 10, words_per_doc: int = 1500,

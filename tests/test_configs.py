@@ -58,16 +58,16 @@ def test_config_parses_and_builds_model(name):
     retrieval, logits = out
     assert retrieval.shape == (1, m.num_neighbours + 1)
     assert logits.shape == (1, m.num_neighbours + 1, L, m.vocab_size)
-    decoder_params = params["reader"]
   else:
-    logits, decoder_params = out, params
+    logits = out
     assert logits.shape == (1, L, m.vocab_size)
   assert logits.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
-  assert decoder_params["embed"]["embedding"].shape == (m.vocab_size, m.width)
-  blocks = sorted(k for k in decoder_params if k.startswith("blocks_"))
+  # The decoder's parameters sit at the top (REALM's reader too: a baseline's paths).
+  assert params["embed"]["embedding"].shape == (m.vocab_size, m.width)
+  blocks = sorted(k for k in params if k.startswith("blocks_"))
   assert len(blocks) == m.num_layers
-  cca = {int(k.split("_")[1]) + 1 for k in blocks if "cross_attn" in decoder_params[k]}
+  cca = {int(k.split("_")[1]) + 1 for k in blocks if "cross_attn" in params[k]}
   assert cca == (set(m.cca_layers) if m.name == "retro" else set())
   assert ("encoder" in params) == (m.name == "retro")
   count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))

@@ -1,4 +1,5 @@
-"""Model tests on the tiny configs: RETRO causality, REALM marginal, kNN-LM, dtypes, losses."""
+"""Model tests on the tiny configs: RETRO causality, kNN-LM, dtypes, losses (REALM:
+tests/test_realm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import configs
 import models
 from common.errors import UserError
 from models import knnlm
-from models.realm import RealmReader, marginal_log_likelihood
 from models.retro import Retro
 from models.transformer import Transformer
 
@@ -257,156 +257,6 @@ def test_transformer_loss_key_dropout_remat():
   axes = models.param_axes(cfg, batch)
   assert axes["blocks_0"]["mlp"]["wi"]["kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
   assert axes["lm_head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
-
-
-def _prior_minus_posterior(scores_BxZ: np.ndarray, ll_BxZ: np.ndarray) -> np.ndarray:
-  """float64 reference of d(-log p(y|x))/d retrieval_logits_z = p(z|x) - p(z|x,y), with
-  ll_BxZ = log p(y|x,z): the prior softmax(scores) minus the posterior ~ prior * p(y|x,z)."""
-  scores, ll = np.asarray(scores_BxZ, np.float64), np.asarray(ll_BxZ, np.float64)
-  log_prior = scores - scores.max(-1, keepdims=True)
-  log_prior -= np.log(np.exp(log_prior).sum(-1, keepdims=True))
-  log_joint = log_prior + ll
-  log_post = log_joint - log_joint.max(-1, keepdims=True)
-  log_post -= np.log(np.exp(log_post).sum(-1, keepdims=True))
-  return np.exp(log_prior) - np.exp(log_post)
-
-
-def test_realm_marginal_matches_float64_bruteforce():
-  """log p(y|x) = log sum_z p(z|x) p(y|x,z), and its gradient with respect to the retrieval
-  logits is the prior minus the posterior, both against float64 numpy."""
-  rng = np.random.default_rng(0)
-  B, Z, L = 3, 5, 7
-  scores = rng.normal(size=(B, Z)) * 3
-  token_logp = -rng.exponential(size=(B, Z, L)) * 0.5
-  weights = (rng.random((B, L)) > 0.3).astype(np.float64)
-  args32 = [jnp.asarray(a, jnp.float32) for a in (scores, token_logp, weights)]
-  got, grad_BxZ = jax.jit(jax.value_and_grad(
-      lambda s, *a: -marginal_log_likelihood(s, *a).sum()))(*args32)
-  ll_BxZ = (token_logp * weights[:, None]).sum(-1)
-  pz = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
-  want = -np.log((pz * np.exp(ll_BxZ)).sum(-1)).sum()
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  want_grad = _prior_minus_posterior(scores, ll_BxZ)
-  # The posterior differs from the prior (else the check would be the trivial zero).
-  assert np.abs(want_grad).max() > 0.05, want_grad
-  np.testing.assert_allclose(grad_BxZ, want_grad, atol=2e-6, rtol=0)
-  np.testing.assert_allclose(np.asarray(grad_BxZ).sum(-1), 0.0, atol=1e-6)
-
-
-def _realm_setup(doc_encoder: str):
-  """Tiny REALM, random params, a batch, and value_and_grad of the loss with respect to
-  (params, an offset added to the retrieval logits): the offset's gradient (at zero) is
-  d loss / d retrieval_logits."""
-  cfg = configs.load("tiny_realm", [f"model.realm.doc_encoder='{doc_encoder}'"]).model
-  B, K, L = 2, 3, 96
-  batch = _lm_batch(0, B, L)
-  batch["candidates"] = _tokens(5, (B, K, M), low=0)
-  batch["candidate_embeddings"] = jax.random.normal(jax.random.PRNGKey(6), (B, K, 384))
-  model = RealmReader(cfg)
-  params = _random_params(model, batch["inputs"], batch["candidates"],
-                          batch["candidate_embeddings"])
-  params["null_score"] = jnp.float32(0.5)
-  loss_fn = models.make_loss_fn(cfg)
-
-  def loss_with_offset(params, offset_BxZ, batch):
-    def add_offset(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      if isinstance(context.module, RealmReader) and context.method_name == "retrieval_logits":
-        return out + offset_BxZ
-      return out
-
-    with nn.intercept_methods(add_offset):
-      return loss_fn(params, batch, None)
-
-  grad_fn = jax.value_and_grad(loss_with_offset, argnums=(0, 1), has_aux=True)
-  loss_and_grad = lambda params, batch: grad_fn(params, jnp.zeros((B, K + 1)), batch)  # noqa: E731
-  return cfg, model, params, batch, loss_and_grad
-
-
-def _assert_retriever_gradients(grads: dict, names: list[str]):
-  for name in names:
-    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grads[name]))
-    assert norm > 0.0, name
-
-
-def _assert_retrieval_logit_gradient(grad_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch):
-  """d loss / d retrieval_logits = (p(z|x) - p(z|x,y)) / tokens: the gradient REALM's
-  retriever learns from, against float64 numpy on the same forward's outputs."""
-  logits = np.asarray(logits_BxZxLxV, np.float64)
-  top = logits.max(-1, keepdims=True)
-  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-  targets = np.asarray(batch["targets"])[:, None, :, None]
-  logp_BxZxL = np.take_along_axis(logp, targets, -1)[..., 0]
-  w_L = (np.arange(logits.shape[2]) >= M - 1).astype(np.float64)  # the query's targets drop
-  want = _prior_minus_posterior(retrieval_BxZ, (logp_BxZxL * w_L).sum(-1))
-  assert np.abs(want).max() > 0.05, want  # not the trivial zero
-  np.testing.assert_allclose(np.asarray(grad_BxZ) * float(aux["tokens"]), want,
-                             atol=1e-4, rtol=0)
-
-
-def test_realm_stale_null_document_and_gradients():
-  cfg, model, params, batch, loss_and_grad = _realm_setup("stale")
-  assert "doc_encoder" not in params
-  B, K, L = 2, 3, 96
-
-  @jax.jit
-  def run(params, batch):  # one compilation for everything (compiling dominates test time)
-    v = {"params": params}
-    return (model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"]),
-            Transformer(cfg).apply({"params": params["reader"]}, batch["inputs"]),
-            loss_and_grad(params, batch),
-            model.apply(v, batch["inputs"][:, :M], method=RealmReader.embed_query))
-
-  (retrieval_BxZ, logits_BxZxLxV), plain, ((loss, aux), (grads, g_BxZ)), q_BxE = run(params, batch)
-  assert retrieval_BxZ.shape == (B, K + 1) and logits_BxZxLxV.shape == (B, K + 1, L, V)
-  # The null scores as the mean candidate plus its learned offset.
-  np.testing.assert_allclose(retrieval_BxZ[:, 0], 0.5 + retrieval_BxZ[:, 1:].mean(1), rtol=1e-5)
-  # The null document is empty: the reader then is the plain LM on the input alone.
-  np.testing.assert_allclose(logits_BxZxLxV[:, 0], plain, atol=1e-4)
-  # The loss is the marginal over the K+1 documents, from position m-1 on.
-  targets = np.asarray(batch["targets"])[:, None, :, None]
-  logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits_BxZxLxV)), targets, -1)[..., 0]
-  w = np.ones((B, L)) * (np.arange(L) >= M - 1)
-  mll = marginal_log_likelihood(retrieval_BxZ, jnp.asarray(logp), jnp.asarray(w, jnp.float32))
-  np.testing.assert_allclose(aux["nll_sum"], -mll.sum(), rtol=1e-5)
-  assert float(aux["tokens"]) == w.sum() and np.isclose(loss, -mll.sum() / w.sum())
-  assert 0.0 < float(aux["null_prob"]) < 1.0 and float(aux["retrieval_entropy"]) > 0.0
-  _assert_retrieval_logit_gradient(g_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch)
-  _assert_retriever_gradients(grads, ["query_encoder", "candidate_proj", "null_score", "reader"])
-  # embed_query is in the index space: q . e reproduces the candidates' scores.
-  np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, batch["candidate_embeddings"]),
-                             retrieval_BxZ[:, 1:], rtol=1e-4, atol=1e-4)
-  with pytest.raises(UserError, match="trainable"):
-    model.apply({"params": params}, batch["candidates"][0], batch["candidate_embeddings"][0],
-                method=RealmReader.embed_documents)
-
-
-def test_realm_trainable_document_encoder_gradients():
-  cfg, model, params, batch, loss_and_grad = _realm_setup("trainable")
-  B, K = batch["candidates"].shape[:2]
-
-  @jax.jit
-  def run(params, batch):
-    v = {"params": params}
-    docs = batch["candidates"].reshape(B * K, M)
-    stale = batch["candidate_embeddings"].reshape(B * K, -1)
-    return (loss_and_grad(params, batch),
-            model.apply(v, batch["inputs"], batch["candidates"], batch["candidate_embeddings"]),
-            model.apply(v, batch["inputs"][:, :M], method=RealmReader.embed_query),
-            model.apply(v, docs, stale, method=RealmReader.embed_documents))
-
-  ((_, aux), (grads, g_BxZ)), (retrieval_BxZ, logits_BxZxLxV), q_BxE, d_NxE = run(params, batch)
-  _assert_retrieval_logit_gradient(g_BxZ, aux, retrieval_BxZ, logits_BxZxLxV, batch)
-  _assert_retriever_gradients(grads, ["query_encoder", "doc_encoder", "candidate_proj",
-                                      "null_score", "reader"])
-  np.testing.assert_allclose(jnp.einsum("be,bke->bk", q_BxE, d_NxE.reshape(B, K, -1)),
-                             retrieval_BxZ[:, 1:], rtol=1e-4, atol=1e-4)
-  # The encoder's output layer starts at zero: at init the documents are the stale vectors.
-  init = models.init_params(cfg, jax.random.PRNGKey(0), batch)
-  stale = batch["candidate_embeddings"].reshape(B * K, -1)
-  np.testing.assert_array_equal(
-      model.apply({"params": init}, batch["candidates"].reshape(B * K, M), stale,
-                  method=RealmReader.embed_documents), stale)
 
 
 def test_knn_log_probs_matches_numpy():

@@ -214,14 +214,19 @@ def test_realm_refresh_candidates(world):
   bags_NxE = _bag_of_tokens(store.chunk_tokens())
   stale_NxE = np.random.default_rng(0).normal(size=bags_NxE.shape).astype(np.float32)
 
-  def embed_docs(chunks_Bxm, stale_BxE):
+  stale_queries_SxE = np.random.default_rng(1).normal(
+      size=(val.num_sequences, bags_NxE.shape[1])).astype(np.float32)
+
+  def embed(chunks_Bxm, stale_BxE):
     calls.append((chunks_Bxm.shape, stale_BxE.shape))
     return _bag_of_tokens(chunks_Bxm) + 0.0 * stale_BxE
 
-  out = candidates.refresh(embed_docs, _bag_of_tokens, store, stale_NxE, {"validation": val},
-                           3, overfetch=100, index_spec="Flat", batch_size=16)
+  out = candidates.refresh(embed, embed, store, stale_NxE, {"validation": val},
+                           {"validation": stale_queries_SxE}, 3, overfetch=100,
+                           index_spec="Flat", batch_size=16)
   assert set(calls) == {((16, M), (16, bags_NxE.shape[1]))}  # fixed shapes for a jitted encoder
   arrays = out.arrays["validation"]
+  np.testing.assert_array_equal(arrays["query_embedding"], stale_queries_SxE)  # kept stale
   S, L = val.num_sequences, val.seq_len
   doc_NxE = bags_NxE
   for s in range(S):
@@ -238,7 +243,10 @@ def test_realm_refresh_candidates(world):
       own = store.token_doc[chunk * M:chunk * M + M] == store.token_doc[chunk * M]
       np.testing.assert_array_equal(tokens, np.where(own, store.tokens[chunk * M:chunk * M + M], 0))
   batch = out.batch("validation", np.array([0]))
-  assert set(batch) == {"candidates", "candidate_embeddings"}
+  assert set(batch) == {"candidates", "candidate_embeddings", "query_embedding"}
+  first = out.first_k(2).arrays["validation"]  # the per-query vectors have no K axis to cut
+  assert first["candidates"].shape[1] == 2
+  np.testing.assert_array_equal(first["query_embedding"], stale_queries_SxE)
 
 
 WORDS = ("the king queen crown sword river castle night day fox dog brown quick lazy "

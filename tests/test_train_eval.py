@@ -149,12 +149,18 @@ def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
                 "model.realm.doc_encoder=trainable", "train.log_every=1",
                 "train.checkpoint_every=1000", "train.eval_every=1000")
   train.train_and_evaluate(cfg, str(tmp_path))
-  ages = [r["train/index_age_steps"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
-          if "train/index_age_steps" in r]
-  assert ages == [0, 1, 0, 1, 0]  # steps 0..4, refreshed before steps 2 and 4
+  records = [r for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
+             if "train/index_age_steps" in r]
+  assert [r["train/index_age_steps"] for r in records] == [0, 1, 0, 1, 0]  # refreshed
+  # before steps 2 and 4; the retriever's diagnostics are logged at every step
+  K = cfg.model.num_neighbours
+  assert all(0 <= r["train/gold_rank"] <= K - 1 and 0 < r["train/null_prob"] < 1
+             for r in records)
   refreshed = eval_lib.evaluate(tmp_path, batches=1, write=False)
   assert refreshed["index"] == "refreshed at step 5"  # evaluated with the index it trained on
   assert np.isfinite(refreshed["perplexity"])
+  assert 0 <= refreshed["gold_rank"] <= K - 1 and 0 < refreshed["null_prob"] < 1
+  assert 0 < refreshed["retrieval_entropy"] <= np.log(K + 1)
 
 
 # The command-line bad-input cases (unknown config, missing field, eval.py on an empty

@@ -78,12 +78,15 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
                    drop: tuple[str, ...] = (), desc: str = "eval", score_from: int = 0
                    ) -> dict[str, float]:
   """Perplexity over `split` (the first `max_batches` batches; 0 = all), scoring the targets
-  of input positions >= `score_from` (`eval.score_from`: every model on the same tokens)."""
+  of input positions >= `score_from` (`eval.score_from`: every model on the same tokens),
+  plus the family's other diagnostics in the loss's aux (REALM: `gold_rank`, `null_prob`,
+  ...), each the mean over batches weighted by their tokens."""
   num = artifacts.prepared.split(split).num_sequences
   batches = list(dataset.eval_indices(num, batch_size))
   if max_batches > 0:
     batches = batches[:max_batches]
   nll_sum, tokens = 0.0, 0.0
+  weighted: dict[str, float] = {}
   pending = []
   for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False):
     batch = artifacts.batch(split, idx_B)
@@ -92,26 +95,30 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
   for aux in jax.device_get(pending):
     nll_sum += float(aux["nll_sum"])
     tokens += float(aux["tokens"])
+    for key in aux.keys() - {"nll_sum", "tokens"}:
+      weighted[key] = weighted.get(key, 0.0) + float(aux[key]) * float(aux["tokens"])
   loss = nll_sum / max(tokens, 1.0)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
-          "batches": len(batches)}
+          "batches": len(batches), **{k: v / max(tokens, 1.0) for k, v in sorted(weighted.items())}}
 
 
 def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
                         params: Any) -> build.Artifacts:
-  """REALM: re-embed the datastore with the current document encoder; new candidates."""
+  """REALM: re-embed the datastore and the queries with the current encoders; new candidates."""
   model = models.get_model(config.model)
   cls = type(model)
   docs = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_documents))
-  queries = jax.jit(lambda p, t: model.apply({"params": p}, t, method=cls.embed_query))
+  queries = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_query))
   r = config.retrieval
-  splits = {name: artifacts.prepared.split(name) for name in artifacts.prepared.names}
+  splits = {name: artifacts.prepared.split(name) for name in artifacts.retrieved.arrays}
   stale_NxE = datastore.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
+  stale_queries = {name: artifacts.retrieved.arrays[name][candidates.QUERIES] for name in splits}
   retrieved = candidates.refresh(
-      lambda t, e: np.asarray(docs(params, t, e)), lambda t: np.asarray(queries(params, t)),
-      artifacts.datastore.split, stale_NxE, splits, config.model.num_neighbours,
+      lambda t, e: np.asarray(docs(params, t, e)), lambda t, e: np.asarray(queries(params, t, e)),
+      artifacts.datastore.split, stale_NxE, splits, stale_queries, config.model.num_neighbours,
       overfetch=r.overfetch, metric=r.metric, index_spec=r.index,
-      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search)
+      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search,
+      batch_keys=artifacts.retrieved.batch_keys)
   return dataclasses.replace(artifacts, retrieved=retrieved)
 
 
