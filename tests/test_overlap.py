@@ -20,6 +20,7 @@ from models.layers import Spec
 from retrieval import build, core, overlap
 from training import overlap_eval, sharding
 
+
 def _rows(chunk: list[int], *nbrs: list[int]) -> tuple[float, float]:
   """(overlap, r(C)) of one chunk against its neighbours (padded to one length)."""
   R = max(len(n) for n in nbrs)
@@ -86,8 +87,8 @@ def test_buckets_and_sums():
   got = overlap.bucket_of(np.array([0.0, 1e-9, 0.125, 0.126, 0.25, 0.5, 0.51, 1.0]))
   np.testing.assert_array_equal(got, [0, 1, 1, 2, 2, 3, 4, 4])
   values = np.arange(2 * 8, dtype=float).reshape(2, 8)
-  np.testing.assert_array_equal(overlap.chunk_sums(values, 4),
-                                [[0 + 1 + 2, 3 + 4 + 5 + 6, 7], [8 + 9 + 10, 11 + 12 + 13 + 14, 15]])
+  np.testing.assert_array_equal(overlap.chunk_sums(values, 4),  # targets 0..2, 3..6, 7
+                                [[3, 18, 7], [27, 50, 15]])
 
 
 # --- filtered evaluation on planted neighbours (no training, no artifacts on disk) ---------
@@ -205,4 +206,4 @@ def test_eval_cli_rejects_a_bad_max_overlap(value, tmp_path, capsys):
     eval_lib.main(["--workdir", str(tmp_path), "--max-overlap", value])
   assert exit_info.value.code == 2
   [line] = capsys.readouterr().err.strip().splitlines()
-  assert line.startswith("error: ") and ("must be in [0, 1]" in line or "invalid float" in line)
+  assert line.startswith("error: ") and ("is outside [0, 1]; " in line or "invalid float" in line)

@@ -41,7 +41,7 @@ from training import loop
 
 BUCKET_KEY = "overlap_bucket"  # batch entry [B, L]: the overlap bucket of each target
 NUM_BUCKETS = len(overlap.BUCKETS)
-CHUNK_NOTE = ("chunk u (targets u*m-1 .. (u+1)*m-2) is compared with the neighbours of chunk "
+ALIGNMENT = ("chunk u (targets u*m-1 .. (u+1)*m-2) is compared with the neighbours of chunk "
               "u-1, which those positions read; chunk 0 reads none (overlap 0)")
 
 
@@ -64,7 +64,7 @@ class ChunkOverlap:
   def describe(self) -> dict[str, Any]:
     return {"ngram": overlap.NGRAM, "neighbours": self.neighbours,
             "neighbour_len": self.neighbour_len, "datastore": self.datastore,
-            "chunks": CHUNK_NOTE}
+            "alignment": ALIGNMENT}
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -85,8 +85,8 @@ class ChunkScores:
 
 def check_max_overlap(max_overlap: float | None) -> None:
   if max_overlap is not None and not 0.0 <= max_overlap <= 1.0:
-    raise UserError(f"max_overlap={max_overlap} must be in [0, 1] (the largest share of a "
-                    f"chunk's tokens found in its neighbours by 8-gram overlap), e.g. 0.125")
+    raise UserError(f"max_overlap={max_overlap} is outside [0, 1]; give the largest share of a "
+                    f"chunk's tokens that may lie in 8-grams of its neighbours, e.g. 0.125")
 
 
 def reference_spec(model_config: ml_collections.ConfigDict) -> RetrievalSpec:
