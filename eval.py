@@ -10,6 +10,11 @@ that fits them:
 
     python eval.py --workdir runs/baseline_small --model incontext --k 1 \
         --config.model.incontext.stride=32
+
+Every row also gets a table of perplexity by overlap bucket: the share of each chunk's
+tokens found (by 8-gram overlap) in the RETRO neighbours that predict it, for any family
+(`training.overlap_eval`); `--max-overlap 0.125` scores only chunks of at most that overlap
+(the RETRO paper's filtered evaluation), `--no-overlap` skips it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import models
 from common import cli
 from common import artifacts
 from common.artifacts import atomic_write_text
-from common.errors import cli_main
+from common.errors import UserError, cli_main
 from training import bundle
 from training.checkpoint import restore_meta
 from training.evaluation import evaluate, format_table
+from training.overlap_eval import check_max_overlap, format_buckets, json_ready
 
 __all__ = ["evaluate", "main"]
 
@@ -58,10 +64,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--temperature", type=float, default=None, help="kNN-LM softmax temperature")
   p.add_argument("--exact", action="store_true", help="kNN-LM: report exact-distance numbers")
   p.add_argument("--batches", type=int, default=None, help="evaluate only N batches")
+  p.add_argument("--max-overlap", type=float, default=None,
+                 help="score only chunks whose 8-gram overlap with the RETRO neighbours they "
+                      "are predicted from is at most this (in [0, 1], e.g. 0.125)")
+  p.add_argument("--no-overlap", action="store_true",
+                 help="skip the overlap buckets (no RETRO neighbours are built or read)")
   p.add_argument("--verify", action="store_true",
                  help="recompute the checksums of every cached artifact it loads (every load "
                       "checks sizes and .npy headers)")
   args, _ = cli.parse(p, argv)
+  check_max_overlap(args.max_overlap)
+  if args.no_overlap and args.max_overlap is not None:
+    raise UserError("--max-overlap filters by overlap; drop --no-overlap")
   with artifacts.verification(full=True) if args.verify else contextlib.nullcontext():
     return _run(args)
 
@@ -75,7 +89,8 @@ def _run(args) -> list[dict]:
     knn = {"lam": args.lam, "k": args.k, "temperature": args.temperature,
            "exact": args.exact or None}
   common = dict(split=args.split, step=args.step, batches=args.batches, model=args.model,
-                overrides=args.overrides, k=None if knn else args.k)
+                overrides=args.overrides, k=None if knn else args.k,
+                max_overlap=args.max_overlap, overlap=not args.no_overlap)
   results = []
   for i, variant in enumerate(family.eval_variants):
     with_knn = knn if i == 0 else None
@@ -90,8 +105,10 @@ def _run(args) -> list[dict]:
     held = f", held-out editions {args.heldout}" if args.heldout else ""
     results.append({**r, "variant": f"{name}, datastore {r['datastore']}{held}"})
   print(format_table(results))
+  if not args.no_overlap:
+    print(format_buckets(results))
   out = Path(args.workdir) / f"eval_{args.split}.json"
-  atomic_write_text(out, json.dumps(results, indent=2))
+  atomic_write_text(out, json.dumps([json_ready(r) for r in results], indent=2))
   print(f"wrote {out}")
   return results
 

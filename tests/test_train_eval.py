@@ -46,9 +46,18 @@ def second_edition(corpus_overrides, tmp_path_factory) -> str:
   return str(path)
 
 
+@pytest.fixture(scope="session")
+def chunk_overlaps() -> dict[tuple, dict[str, np.ndarray]]:
+  """(K, R) of the reference -> model -> the overlap of its evaluated chunks (filled as the
+  models are evaluated)."""
+  return {}
+
+
 @pytest.mark.parametrize("model", MODELS)
-def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition, tmp_path):
-  """Train (loss falls well below its start), checkpoint, and evaluate the checkpoint."""
+def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition, chunk_overlaps,
+                                         tmp_path, capsys):
+  """Train (loss falls well below its start), checkpoint, and evaluate the checkpoint: with
+  overlap buckets for every family, against the same RETRO neighbours."""
   cfg = _config(f"tiny_{model}", corpus_overrides, "train.steps=50", "train.warmup_steps=5",
                 "train.learning_rate=0.003", "train.log_every=1", "train.eval_every=25",
                 "train.checkpoint_every=25")
@@ -63,6 +72,16 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition
   result = eval_lib.evaluate(tmp_path, knn=knn)
   assert result["step"] == 50 and result["tokens"] == final["eval/tokens"]
   assert result["perplexity"] == pytest.approx(final["eval/perplexity"], rel=1e-4)
+  buckets = {b["bucket"]: b for b in result["overlap_buckets"]}
+  assert sum(b["tokens"] for b in buckets.values()) == result["tokens"]
+  assert result["chunks"].tokens_SxU.sum() == result["tokens"]
+  written = json.loads((tmp_path / "eval_validation.json").read_text())
+  assert "chunks" not in written and written["overlap_buckets"] == result["overlap_buckets"]
+  same_ref = chunk_overlaps.setdefault(
+      (result["overlap"]["neighbours"], result["overlap"]["neighbour_len"]), {})
+  for other, seen in same_ref.items():  # the same reference: the same chunks and overlaps
+    np.testing.assert_array_equal(result["chunks"].overlap_SxU, seen, err_msg=other)
+  same_ref[model] = result["chunks"].overlap_SxU
   if model in ("retro", "incontext"):
     off = eval_lib.evaluate(tmp_path, retrieval=False)
     assert off["perplexity"] == pytest.approx(final["eval/no_retrieval/perplexity"], rel=1e-4)
@@ -76,12 +95,24 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition
     assert np.isfinite(on["perplexity"]) and on["perplexity"] != off["perplexity"]
     with pytest.raises(UserError, match="do not fit model 'retro'"):
       eval_lib.evaluate(tmp_path, model="retro", write=False)
-  if model == "retro":
+    capsys.readouterr()
+    [row] = eval_lib.main(["--workdir", str(tmp_path), "--max-overlap", "0.125"])
+    assert row["max_overlap"] == 0.125
+    assert row["tokens"] == buckets["0"]["tokens"] + buckets["(0, 0.125]"]["tokens"]
+    out = capsys.readouterr().out
+    assert "by overlap with 2 RETRO neighbours of 128 tokens" in out and "(0.5, 1]" in out
+    [written] = json.loads((tmp_path / "eval_validation.json").read_text())
+    assert written["max_overlap"] == 0.125 and "chunks" not in written
+  if model == "retro":  # the paper's filtered evaluation: only chunks of overlap 0
+    low = eval_lib.evaluate(tmp_path, max_overlap=0.0, write=False)
+    assert low["tokens"] == buckets["0"]["tokens"] < result["tokens"]
+    assert low["perplexity"] == pytest.approx(buckets["0"]["perplexity"], rel=1e-5)
     kept, dropped = (eval_lib.evaluate(tmp_path, datastore=second_edition, drop_heldout=drop,
                                        write=False) for drop in (False, True))
     assert (kept["datastore_drop_heldout"], dropped["datastore_drop_heldout"]) == (False, True)
     assert kept["perplexity"] != dropped["perplexity"]  # different neighbours were read
   if model == "knnlm":
+    assert sum(b["tokens"] for b in result["knn"]["overlap_buckets"]) == result["tokens"]
     sweep = result["knn"]["sweep"]
     assert sweep[0]["lam"] == 0.0
     assert sweep[0]["perplexity_exact"] == pytest.approx(result["perplexity"], rel=1e-4)
@@ -156,7 +187,7 @@ def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
   K = cfg.model.num_neighbours
   assert all(0 <= r["train/gold_rank"] <= K - 1 and 0 < r["train/null_prob"] < 1
              for r in records)
-  refreshed = eval_lib.evaluate(tmp_path, batches=1, write=False)
+  refreshed = eval_lib.evaluate(tmp_path, batches=1, write=False, overlap=False)
   assert refreshed["index"] == "refreshed at step 5"  # evaluated with the index it trained on
   assert np.isfinite(refreshed["perplexity"])
   assert 0 <= refreshed["gold_rank"] <= K - 1 and 0 < refreshed["null_prob"] < 1

@@ -1,9 +1,11 @@
 """Evaluation behind `eval.py`: perplexity of any checkpoint, with or without retrieval,
 with another datastore, with the first k retrieved items, as another compatible family
-(a baseline as In-Context RALM), and kNN-LM interpolation sweeps.
+(a baseline as In-Context RALM), kNN-LM interpolation sweeps, and perplexity by overlap
+of each chunk with its RETRO neighbours (`training.overlap_eval`).
 
     results = evaluate("runs/retro_small")                        # RETRO with retrieval
     results = evaluate("runs/knnlm_small", knn={"lam": 0.25, "k": 16})
+    results = evaluate("runs/baseline_small", max_overlap=0.125)  # chunks of little overlap
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from models import knnlm
 from models.layers import Spec
 from data import dataset
 from retrieval import build, knn_datastore as knn_lib
-from training import bundle, checkpoint, loop, sharding
+from training import bundle, checkpoint, loop, overlap_eval, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -64,8 +66,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
              knn: Mapping[str, Any] | bool | None = None, *, step: int | None = None,
              datastore: str | None = None, drop_heldout: bool | None = None,
              k: int | None = None, model: str | None = None,
-             overrides: Sequence[str] = (), batches: int | None = None, write: bool = True
-             ) -> dict[str, Any]:
+             overrides: Sequence[str] = (), batches: int | None = None, write: bool = True,
+             max_overlap: float | None = None, overlap: bool = True) -> dict[str, Any]:
   """Perplexity of the checkpoint in `workdir` on `split`.
 
   Args:
@@ -85,9 +87,19 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
       baseline as "incontext".
     overrides: dotted config overrides (`"model.incontext.stride=32"`) applied before.
     batches: evaluate only this many batches (default config.eval.batches; 0 = all).
+    max_overlap: score only the targets of chunks whose 8-gram overlap with the RETRO
+      neighbours they are predicted from is <= this (the paper's filtered evaluation).
+    overlap: measure the overlap at all (False: no overlap reference is built or read;
+      no `overlap_buckets`).
   Returns:
-    {"perplexity", "loss", "tokens", ...}; also written to `<workdir>/eval_<split>.json`.
+    {"perplexity", "loss", "tokens", ...}; with overlap also `overlap_buckets` (one row per
+    bucket: tokens, loss, perplexity, ...), `overlap` (the reference), `max_overlap`, and
+    `chunks`: per-[sequence, chunk] arrays (`overlap_eval.ChunkScores`; left out of
+    `<workdir>/eval_<split>.json`, where the rest is written).
   """
+  overlap_eval.check_max_overlap(max_overlap)
+  if max_overlap is not None and not overlap:
+    raise UserError("max_overlap filters by overlap; it cannot be combined with overlap=False")
   workdir = bundle.local(workdir)
   if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
     raise UserError(f"no checkpoints in {workdir}; train first: python train.py --config NAME "
@@ -117,6 +129,7 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   result: dict[str, Any] = {"workdir": str(workdir), "step": saved["step"],
                             "model": config.model.name, "split": split}
   drop: tuple[str, ...] = ()
+  reference_artifacts = artifacts  # before a refresh or `k` changes what the model reads
   if request is not None:
     result["retrieval"] = bool(retrieval)
     result["datastore"] = config.retrieval.datastore or "train split"
@@ -132,16 +145,35 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
     result["k"] = k or request.k
     if k:
       artifacts = _first_k(artifacts, k)
-  eval_fn = loop.make_eval_fn(config.model)
-  result.update(loop.evaluate_split(eval_fn, params, artifacts, split, config.eval.batch_size,
-                                    max_batches, mesh, drop=drop,
-                                    score_from=config.eval.score_from))
   settings = knn_settings(config, knn)
+  # The kNN-LM datastore first: a stale one stops before the overlap reference is built.
+  knn_store = None
   if settings is not None:
-    result["knn"] = knn_evaluate(config, params, artifacts, split, settings, max_batches,
-                                 saved["step"], workdir if write else None)
+    if not models.get_family(config.model).knn_key:
+      raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
+                      f"kNN key), not model {config.model.name!r}")
+    knn_store = knn_datastore(config, params, artifacts.prepared, saved["step"])
+  ref = None
+  if overlap:
+    num = artifacts.prepared.split(split).num_sequences
+    if max_batches > 0:
+      num = min(num, max_batches * config.eval.batch_size)
+    ref = overlap_eval.reference(config, reference_artifacts, split, num)
+    result.update(max_overlap=max_overlap, overlap=ref.describe())
+    result.update(overlap_eval.score_split(
+        overlap_eval.make_chunk_eval_fn(config.model), params, artifacts, split,
+        config.eval.batch_size, max_batches, mesh, ref, max_overlap, drop,
+        score_from=config.eval.score_from))
+  else:
+    result.update(loop.evaluate_split(loop.make_eval_fn(config.model), params, artifacts,
+                                      split, config.eval.batch_size, max_batches, mesh, drop,
+                                      score_from=config.eval.score_from))
+  if knn_store is not None:
+    result["knn"] = knn_evaluate(config, params, knn_store, artifacts, split, settings,
+                                 max_batches, workdir if write else None, ref, max_overlap)
   if write:
-    atomic_write_text(workdir / f"eval_{split}.json", json.dumps(result, indent=2))
+    atomic_write_text(workdir / f"eval_{split}.json",
+                      json.dumps(overlap_eval.json_ready(result), indent=2))
   return result
 
 
@@ -204,14 +236,16 @@ def weighted_perplexity(logp_N: np.ndarray, weights_N: np.ndarray) -> float:
   return float(np.exp(nll / max(weights_N.sum(), 1.0)))
 
 
-def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: build.Artifacts,
-                 split: str, settings: Mapping[str, Any], max_batches: int, step: int,
-                 out_dir: Path | None) -> dict[str, Any]:
-  """kNN-LM perplexity at `settings["lam"]`, a lambda sweep, and exact vs approximate."""
-  if not models.get_family(config.model).knn_key:
-    raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
-                    f"kNN key), not model {config.model.name!r}")
-  store, apply = knn_datastore(config, params, artifacts.prepared, step)
+def knn_evaluate(config: ml_collections.ConfigDict, params: Any,
+                 knn_store: tuple[knn_lib.KnnDatastore, Callable[..., Any]],
+                 artifacts: build.Artifacts, split: str, settings: Mapping[str, Any],
+                 max_batches: int, out_dir: Path | None,
+                 ref: overlap_eval.ChunkOverlap | None = None,
+                 max_overlap: float | None = None) -> dict[str, Any]:
+  """kNN-LM perplexity at `settings["lam"]`, a lambda sweep, and exact vs approximate, with
+  `knn_store` = `knn_datastore(...)`. With `ref`: only targets of chunks with overlap <=
+  `max_overlap` are scored, and the result has `overlap_buckets` at `settings["lam"]`."""
+  store, apply = knn_store
   T, k = settings["temperature"], int(settings["k"])
   knn_target = jax.jit(lambda d, t, y: knnlm.knn_target_log_probs(d, t, y, T))
   lm_target = jax.jit(models.token_log_probs)
@@ -222,6 +256,8 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
   lm, approx, exact, weights = [], [], [], []
   for idx_B in tqdm(idx, desc="kNN-LM eval", unit="batch", leave=False):
     batch = part.batch(idx_B)
+    if ref is not None:
+      overlap_eval.filter_weights(batch, ref.per_target(idx_B, part.seq_len), max_overlap)
     logits, keys = apply(params, batch["inputs"])
     B, L, D = keys.shape
     q_NxD = np.asarray(keys).reshape(B * L, D)
@@ -247,6 +283,12 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any, artifacts: buil
          "perplexity": ppl(float(settings["lam"]), which),
          "lm_perplexity": ppl(0.0, which), "best_lam": best["lam"],
          "best_perplexity": best[f"perplexity_{which}"], "sweep": sweep}
+  if ref is not None:
+    logp = np.asarray(knnlm.interpolate(jnp.asarray(lm_t), jnp.asarray(knn_t[which]),
+                                        float(settings["lam"])))
+    out["overlap_buckets"] = overlap_eval.token_buckets(
+        logp.reshape(-1, part.seq_len), w.reshape(-1, part.seq_len),
+        np.concatenate(idx), ref)
   if out_dir is not None:
     _plot_sweep(sweep, out_dir / "knn_sweep.png")
   return out
