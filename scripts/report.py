@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from retrieval import overlap
+
 # Report rows: (label, evaluation row, the row it is compared with).
 ROWS = (
     ("baseline (tuned learning rate)", "base", "base"),
@@ -89,7 +91,48 @@ def targets(evals: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
   return out
 
 
-def markdown(rows: dict[str, Any]) -> str:
+# Overlap comparisons: (label, row, reference row); chunks are bucketed by the row's own
+# neighbours' 8-gram overlap and both models are scored on exactly those chunks.
+OVERLAP_PAIRS = (
+    ("RETRO-fitted, related Folio datastore vs the continued baseline", "fit_related", "cont"),
+    ("RETRO-fitted, Folio without the held-out editions vs the continued baseline",
+     "fit_unrelated", "cont"),
+    ("RETRO (training-split datastore) vs the baseline", "retro", "base"),
+)
+
+
+def overlap_gain(evals_dir: Path, row: str, ref: str, split: str, seeds: Sequence[int]
+                 ) -> list[dict[str, Any]] | None:
+  """Per overlap bucket: chunks, tokens and the % change of perplexity of `row` against
+  `ref` on the same chunks (mean and std over seeds), from the evaluations' chunk scores."""
+  per_seed = []
+  for seed in seeds:
+    paths = [evals_dir / f"{name}__{seed}__{split}.npz" for name in (row, ref)]
+    if not all(p.exists() for p in paths):
+      continue
+    a, b = (np.load(p) for p in paths)
+    if not np.array_equal(a["sequence_S"], b["sequence_S"]):
+      raise ValueError(f"{row} and {ref} (seed {seed}) scored different sequences")
+    bucket_SxU = overlap.bucket_of(a["overlap_SxU"])
+    gains = []
+    for g in range(len(overlap.BUCKETS)):
+      sel = (bucket_SxU == g) & (a["tokens_SxU"] > 0)
+      tokens = float(a["tokens_SxU"][sel].sum())
+      ppl = [math.exp(-float(x["logprob_SxU"][sel].sum()) / tokens) if tokens else math.nan
+             for x in (a, b)]
+      gains.append((int(sel.sum()), tokens, 100.0 * (ppl[0] / ppl[1] - 1.0)))
+    per_seed.append(gains)
+  if not per_seed:
+    return None
+  out = []
+  for g, name in enumerate(overlap.BUCKETS):
+    changes = [seed[g][2] for seed in per_seed if not math.isnan(seed[g][2])]
+    out.append({"bucket": name, "chunks": per_seed[0][g][0], "tokens": per_seed[0][g][1],
+                "change": stats(changes) if changes else None})
+  return out
+
+
+def markdown(rows: dict[str, Any], evals_dir: Path | None = None) -> str:
   r, evals = rows["recipe"], rows.get("evals", {})
   sweep = rows["sweep"]
   lines = [
@@ -132,9 +175,34 @@ def markdown(rows: dict[str, Any]) -> str:
     for name, v in leak.items():
       lines.append(f"| {name} | {len(v['shared_doc_ids'])} | {v['verbatim_chunks']} of "
                    f"{v['chunks']} |")
+  gains = overlap_tables(rows, evals_dir)
+  if gains:
+    lines += ["", "## Where the gain comes from: test chunks by 8-gram overlap with their "
+              "neighbours", "",
+              "Chunks are bucketed by the share of their tokens inside an 8-gram that also "
+              "occurs in the neighbours they are predicted from (the RETRO paper's leakage "
+              "analysis; `eval.py --max-overlap` scores only the chunks at or below a "
+              "threshold). Change of perplexity against the reference on the same chunks, "
+              "mean ± std over seeds:", "",
+              "| comparison | " + " | ".join(overlap.BUCKETS) + " |",
+              "|---|" + "---|" * len(overlap.BUCKETS)]
+    for label, table in gains.items():
+      lines.append(f"| {label} | " + " | ".join(
+          f"{fmt(b['change'], unit='%')} ({b['chunks']} chunks)" for b in table) + " |")
   lines += ["", "Plots: `curves.png` (validation perplexity over training tokens, seed bands; "
-            "retrieval on vs off over RETRO-fitting and RETRO training), `knn_sweep.png`."]
+            "retrieval on vs off over RETRO-fitting and RETRO training), `overlap_gain.png`, "
+            "`knn_sweep.png`."]
   return "\n".join(lines)
+
+
+def overlap_tables(rows: dict[str, Any], evals_dir: Path | None
+                   ) -> dict[str, list[dict[str, Any]]]:
+  if evals_dir is None:
+    return {}
+  seeds = rows["recipe"]["seeds"]
+  tables = {label: overlap_gain(evals_dir, row, ref, "test", seeds)
+            for label, row, ref in OVERLAP_PAIRS}
+  return {label: t for label, t in tables.items() if t}
 
 
 def _eval_curve(run_dirs: dict[str, str], offset: int, tokens_per_step: int
@@ -205,8 +273,35 @@ def plots(rows: dict[str, Any], out: Path, tokens_per_step: int = 8 * 512) -> No
     fig.savefig(out / "knn_sweep.png")
 
 
-def write(rows: dict[str, Any], out: Path) -> str:
-  md = markdown(rows)
+def plot_overlap(gains: dict[str, list[dict[str, Any]]], path: Path) -> None:
+  """% change of perplexity against the reference per overlap bucket (error bars: std)."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(8, 4.5), dpi=100)
+  ax = fig.subplots()
+  x = np.arange(len(overlap.BUCKETS))
+  for label, table in gains.items():
+    pts = [(i, b["change"]["mean"], b["change"]["std"]) for i, b in enumerate(table)
+           if b["change"] is not None]
+    if pts:
+      i, mean, std = zip(*pts)
+      ax.errorbar(i, mean, yerr=std, marker="o", capsize=3, label=label)
+  ax.axhline(0.0, color="grey", lw=0.8)
+  ax.set_xticks(x, overlap.BUCKETS)
+  ax.set_xlabel("8-gram overlap of a test chunk with its neighbours")
+  ax.set_ylabel("perplexity change vs reference (%)")
+  ax.set_title("Gain over the baseline against neighbour overlap (test)")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def write(rows: dict[str, Any], out: Path, evals_dir: Path | None = None) -> str:
+  md = markdown(rows, evals_dir)
   (out / "RESULTS.md").write_text(md + "\n")
   plots(rows, out)
+  gains = overlap_tables(rows, evals_dir)
+  if gains:
+    plot_overlap(gains, out / "overlap_gain.png")
   return md

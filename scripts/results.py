@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import configs  # noqa: E402
@@ -102,6 +104,9 @@ class Runner:
     batches = self.recipe.eval_batches
     result = evaluate(workdir, batches=batches, write=False,
                       overrides=[f"eval.score_from={self.recipe.score_from}"], **kwargs)
+    chunks = result.get("chunks")
+    if chunks is not None:  # per-[sequence, chunk] scores, for the overlap joins of report.py
+      np.savez(path.with_suffix(".npz"), **dataclasses.asdict(chunks))
     result = {k: v for k, v in result.items() if _jsonable(v)}
     self.seconds[f"eval/{key}"] = round(time.perf_counter() - start, 1)
     atomic_write_text(path, json.dumps(result, indent=1))
@@ -269,7 +274,7 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
   rows["seconds"] = runner.seconds
   atomic_write_text(out / "results.json", json.dumps(rows, indent=1, default=str))
   if until == "report":
-    md = report.write(rows, out)
+    md = report.write(rows, out, out / "evals")
     print(md)
   return rows
 

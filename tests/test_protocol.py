@@ -93,7 +93,20 @@ def test_report_renders_from_rows(tmp_path):
           "fit_sweep": {"perplexity": {"1": 81.0}, "scale": 1.0},
           "leakage": {"training split": {"shared_doc_ids": [], "verbatim_chunks": 0,
                                          "chunks": 10}}}
-  md = report.write(rows, tmp_path)
+  evals_dir = tmp_path / "evals"
+  evals_dir.mkdir()
+  overlap_SxU = np.asarray([[0.0, 0.1, 0.9], [0.0, 0.6, 0.3]])  # buckets 0, 1, 4 / 0, 4, 3
+  for seed in (0, 1):
+    for row, nats in (("cont", 2.0), ("fit_related", 2.0 - np.log(2.0) * (overlap_SxU > 0.5))):
+      np.savez(evals_dir / f"{row}__{seed}__test.npz", sequence_S=np.arange(2),
+               logprob_SxU=-nats * np.full((2, 3), 10.0), tokens_SxU=np.full((2, 3), 10.0),
+               overlap_SxU=overlap_SxU, lcs_SxU=overlap_SxU)
+  gains = report.overlap_gain(evals_dir, "fit_related", "cont", "test", [0, 1])
+  assert [g["chunks"] for g in gains] == [2, 1, 0, 1, 2]
+  assert gains[0]["change"]["mean"] == pytest.approx(0.0) and gains[2]["change"] is None
+  assert gains[4]["change"]["mean"] == pytest.approx(-50.0)  # half the perplexity there
+  md = report.write(rows, tmp_path, evals_dir)
   assert md.startswith("# Results") and "| RETRO from scratch, training-split datastore |" in md
+  assert "Where the gain comes from" in md and (tmp_path / "overlap_gain.png").stat().st_size
   assert "-19.41% ± 0.84" in md  # fit vs cont per seed: -20% and -18.81%
   assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "knn_sweep.png").stat().st_size
