@@ -43,9 +43,9 @@ def stats(values: Sequence[float]) -> dict[str, float]:
 def seeds_of(evals: dict[str, Any], row: str, split: str) -> dict[int, float]:
   out = {}
   for key, value in evals.items():
-    name, seed, part = key.split("/")
-    if name == row and part == split:
-      out[int(seed)] = value["perplexity"]
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == row and parts[2] == split:
+      out[int(parts[1])] = value["perplexity"]
   return out
 
 
@@ -160,6 +160,13 @@ def markdown(rows: dict[str, Any], evals_dir: Path | None = None) -> str:
     vs = "reference" if row == ref else fmt(change(evals, row, ref, "test"), unit="%")
     lines.append(f"| {label} | {fmt(stats(list(test.values())))} | {vs} | "
                  f"{fmt(stats(list(val.values()))) if val else '—'} |")
+  done = rows.get("progress")
+  if done and not rows.get("complete"):
+    lines += ["", f"**Run in progress** (`python scripts/results.py` resumes it): "
+              f"{len(done['finished'])} training runs finished, {len(done['unfinished'])} "
+              f"started and unfinished ({', '.join(done['unfinished']) or 'none'}), "
+              f"{len(done['evaluations'])} evaluations cached. Rows without numbers are not "
+              f"measured yet."]
   lines += ["", "## Targets (test split)", "", "| target | measured (mean ± std over seeds) | met |",
             "|---|---|---|"]
   for name, measured, met in targets(evals):

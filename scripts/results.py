@@ -261,7 +261,17 @@ def leakage() -> dict[str, Any]:
   return out
 
 
+def progress(out: Path) -> dict[str, list[str]]:
+  """The runs under `out/runs` that finished and those started but not finished."""
+  runs = sorted(p for p in (out / "runs").glob("*") if p.is_dir())
+  return {"finished": [p.name for p in runs if (p / "final_metrics.json").exists()],
+          "unfinished": [p.name for p in runs if not (p / "final_metrics.json").exists()],
+          "evaluations": sorted(p.stem for p in (out / "evals").glob("*.json"))}
+
+
 def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
+  """Runs the protocol up to stage `until`, then writes results.json (and with "report"
+  RESULTS.md and the plots); a partial run reports what it has so far."""
   runner = Runner(out, recipe)
   rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
   rows["sweep"] = sweep(runner)
@@ -272,10 +282,27 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
     if STAGES.index(until) >= STAGES.index("eval"):
       rows["evals"] = evaluate_all(runner, runs)
   rows["seconds"] = runner.seconds
+  rows["progress"] = progress(out)
+  rows["complete"] = until == "report"
   atomic_write_text(out / "results.json", json.dumps(rows, indent=1, default=str))
   if until == "report":
     md = report.write(rows, out, out / "evals")
     print(md)
+  return rows
+
+
+def report_only(out: Path, recipe: Recipe) -> dict[str, Any]:
+  """RESULTS.md from what `out` holds now (no training, no evaluation): for a report
+  between sittings of a run that is not finished."""
+  path = out / "results.json"
+  rows = json.loads(path.read_text()) if path.exists() else {
+      "recipe": dataclasses.asdict(recipe), "sweep": {"perplexity": {}, "learning_rate": 0}}
+  cached = {p.stem.replace("__", "/"): json.loads(p.read_text())
+            for p in (out / "evals").glob("*.json")}
+  rows["evals"] = {**cached, **rows.get("evals", {})}
+  rows["progress"] = progress(out)
+  md = report.write(rows, out, out / "evals")
+  print(md)
   return rows
 
 
@@ -288,10 +315,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"seed, {QUICK.eval_batches} evaluation batches")
   p.add_argument("--until", choices=STAGES, default="report",
                  help="stop after this stage (e.g. train: only the runs, for a sitting)")
+  p.add_argument("--report-only", action="store_true",
+                 help="write RESULTS.md from what is done so far; train and evaluate nothing")
   args = p.parse_args(argv)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  return run(out, QUICK if args.quick else FULL, args.until)
+  (out / "evals").mkdir(exist_ok=True)
+  recipe = QUICK if args.quick else FULL
+  if args.report_only:
+    return report_only(out, recipe)
+  return run(out, recipe, args.until)
 
 
 if __name__ == "__main__":
