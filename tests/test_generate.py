@@ -25,7 +25,7 @@ from models.layers import Spec
 from models.realm import RealmReader
 from models.transformer import Transformer
 from data import dataset
-from retrieval import core, datastore
+from retrieval import core, datastore, neighbours
 from retrieval import knn_datastore
 
 M = 64  # chunk size of the tiny configs
@@ -197,8 +197,12 @@ def test_incontext_reads_documents_retrieved_every_stride_tokens(tiny, overrides
   ids_BxWxK = np.stack([np.concatenate([chunks.search(seq[None, max(0, (i + 1) * S - q):
                                                           (i + 1) * S], K)[0]
                                         for i in range(T // S)]) for seq in seqs])
-  nbr_BxWxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxWxK, M, R)
   seqs_BxT = np.stack([np.pad(seq, (0, T - len(seq))) for seq in seqs])  # (causal: harmless)
+  end_W = np.arange(1, T // S + 1) * S  # the query windows, whose last M tokens align
+  query_BxWxM = np.stack([neighbours.query_tokens(seq, np.maximum(end_W - q, 0), end_W, M)
+                          for seq in seqs_BxT])
+  nbr_BxWxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_BxWxK.reshape(-1, K), M,
+                                   R, query_BxWxM.reshape(-1, M)).reshape(*ids_BxWxK.shape, R)
   model = models.get_model(config.model)
   logp_BxTxV = np.asarray(jax.jit(model.apply)({"params": params}, seqs_BxT, nbr_BxWxKxR))
   for g, seq, ids_WxK, logp_TxV in zip(gens, seqs, ids_BxWxK, logp_BxTxV):

@@ -424,8 +424,8 @@ def test_verify_reports_every_artifact_of_a_config(retro):
   their checksums: all OK on an intact cache (the damaged case is a bad-input case)."""
   report = verify_lib.verify(configs.load("tiny_retro", retro))
   kinds = [kind for kind, _, _, _ in report]
-  assert kinds == ["tokenizer", "dataset", "embeddings", "embeddings", "index",
-                   neighbours.ARTIFACT], report  # chunk embeddings: train, validation
+  assert kinds == ["tokenizer", "dataset", "embeddings", "embeddings", "embeddings", "index",
+                   neighbours.ARTIFACT], report  # chunk embeddings: train, validation, test
   assert all(status == "ok" and not detail for _, _, status, detail in report), report
 
 
@@ -615,7 +615,7 @@ CASES = {
     "missing_corpus": (_corpus_case({}), "no files match"),
     "empty_corpus": (_corpus_case({"a.txt": b"", "b.txt": b"  \n"}),
                      "has no non-empty documents"),
-    "short_corpus": (_corpus_case({"a.txt": b"To be.", "b.txt": b"Or not."}),
+    "short_corpus": (_corpus_case({"a.txt": b"To be.", "b.txt": b"Or not.", "c.txt": b"Ay."}),
                      "fewer than one sequence of data.seq_len+1=129; lower --config.data.seq_len"),
     "non_utf8": (_corpus_case({"a.txt": b"caf\xe9 au lait", "b.txt": b"tea"}),
                  "a.txt is not UTF-8 (byte 0xe9 at offset 3)"),

@@ -125,12 +125,18 @@ def test_drop_heldout_removes_other_editions_of_validation_documents(corpus_over
                                                                      second_edition):
   """Kept, the copy of a held-out document is most validation chunks' nearest neighbour
   (leakage; by chance it would be 1 in 5: 2 of the 10 documents are held out); dropped, the
-  datastore holds no copy of one."""
+  datastore holds no copy of one. With a test split, its documents' copies go too."""
   name = lambda doc_id: doc_id.rsplit("/", 1)[-1]  # noqa: E731
+  with_test = _config("tiny_retro", corpus_overrides, f"retrieval.datastore={second_edition}",
+                      "retrieval.datastore_drop_heldout=True", "data.test_fraction=0.2")
+  prepared = dataset.prepare(with_test)
+  stored = {name(i) for i in datastore.load_datastore(with_test, prepared).split.doc_ids}
+  assert prepared.test.doc_ids and not stored & {
+      name(i) for part in (prepared.validation, prepared.test) for i in part.doc_ids}
   top1_heldout = {}
   for drop in (False, True):
     cfg = _config("tiny_retro", corpus_overrides, f"retrieval.datastore={second_edition}",
-                  f"retrieval.datastore_drop_heldout={drop}")
+                  f"retrieval.datastore_drop_heldout={drop}", "data.test_fraction=0")
     prepared = dataset.prepare(cfg)
     store = datastore.load_datastore(cfg, prepared).split
     heldout = {name(i) for i in prepared.validation.doc_ids}
