@@ -8,7 +8,8 @@ scored on the same target tokens (`eval.score_from`: the targets after REALM's q
    (`steps`), and from the baseline's checkpoint, for `extra_steps` more: the baseline
    continued (the like-for-like reference), RETRO-fitting on the First Folio editions of the
    training plays (decoder frozen), and the REALM reader (frozen index; seed 0 also with a
-   refreshed index);
+   refreshed index); the learning rates of RETRO-fitting and of training on from the
+   baseline are swept on validation (seed 0);
 3. evaluations on validation and test (cached one file each): RETRO with retrieval on and
    off; the RETRO-fitted model with the Folio datastore holding the held-out plays' Folio
    editions (related text, never the evaluated modern text), without them, and off; kNN-LM
@@ -54,6 +55,7 @@ class Recipe:
   extra_steps: int  # continued baseline, RETRO-fitting and REALM, from the baseline
   learning_rates: tuple[float, ...]  # swept on the baseline, seed 0
   fit_lr_scales: tuple[float, ...]  # RETRO-fitting's learning rate / the recipe's, swept (seed 0)
+  warm_lr_scales: tuple[float, ...]  # the same for the continued baseline and REALM's reader
   seeds: tuple[int, ...]
   eval_batches: int  # 0 = the whole split
   curve_batches: int  # validation batches of the evaluations during training
@@ -71,9 +73,10 @@ class Recipe:
 
 
 FULL = Recipe(steps=400, extra_steps=150, learning_rates=(1e-3, 3e-3, 6e-3),
-              fit_lr_scales=(1.0, 3.0), seeds=(0, 1, 2), eval_batches=0, curve_batches=10)
+              fit_lr_scales=(1.0, 3.0), warm_lr_scales=(0.1, 1.0), seeds=(0, 1, 2),
+              eval_batches=0, curve_batches=10)
 QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), fit_lr_scales=(1.0,),
-               seeds=(0,), eval_batches=4, curve_batches=2)
+               warm_lr_scales=(0.1,), seeds=(0,), eval_batches=4, curve_batches=2)
 
 
 class Runner:
@@ -99,7 +102,9 @@ class Runner:
   def eval(self, key: str, workdir: Path, **kwargs: Any) -> dict[str, Any]:
     path = self.out / "evals" / (key.replace("/", "__") + ".json")
     if path.exists():
-      return json.loads(path.read_text())
+      cached = json.loads(path.read_text())
+      if cached.get("workdir") == str(workdir):  # (a run of another recipe: evaluate anew)
+        return cached
     start = time.perf_counter()
     batches = self.recipe.eval_batches
     result = evaluate(workdir, batches=batches, write=False,
@@ -154,27 +159,46 @@ def fit_sweep(runner: Runner, lr: float) -> dict[str, Any]:
   return {"perplexity": out, "scale": float(min(out, key=out.get))}
 
 
-def train_all(runner: Runner, lr: float, fit_scale: float) -> dict[str, dict[int, Path]]:
+def warm_overrides(recipe: Recipe, seed: int, lr: float, base: Path) -> list[str]:
+  return (recipe.common(seed, lr) + [f"train.init_from={base}"] +
+          recipe.schedule(recipe.extra_steps, evals=3))
+
+
+def warm_sweep(runner: Runner, lr: float) -> dict[str, Any]:
+  """The learning rate of training on from a trained baseline (the continued baseline and
+  REALM's reader): re-warming to the recipe's peak can undo what the baseline learned, so
+  each scale is tried on the continued baseline (seed 0) and chosen on validation."""
+  r, seed = runner.recipe, runner.recipe.seeds[0]
+  base = runner.out / "runs" / f"baseline_lr{lr:g}_s{seed}"
+  out = {}
+  for scale in r.warm_lr_scales:
+    workdir = runner.train(f"cont_x{scale:g}_s{seed}", "baseline_small",
+                           warm_overrides(r, seed, lr * scale, base))
+    out[f"{scale:g}"] = runner.eval(f"warm_sweep/{scale:g}", workdir,
+                                    split="validation")["perplexity"]
+  return {"perplexity": out, "scale": float(min(out, key=out.get))}
+
+
+def train_all(runner: Runner, lr: float, fit_scale: float, warm_scale: float
+              ) -> dict[str, dict[int, Path]]:
   """Every run of every seed (in seed order, so seed 0's rows are complete first)."""
   r = runner.recipe
   runs: dict[str, dict[int, Path]] = {}
   for seed in r.seeds:
-    common = r.common(seed, lr)
     base = runner.train(f"baseline_lr{lr:g}_s{seed}", "baseline_small",
-                        common + r.schedule(r.steps))
-    warm = common + [f"train.init_from={base}"] + r.schedule(r.extra_steps, evals=3)
+                        r.common(seed, lr) + r.schedule(r.steps))
+    warm = warm_overrides(r, seed, lr * warm_scale, base)
     plan = {
-        "cont": ("baseline_small", warm),
-        "fit": ("retro_fit", fit_overrides(r, seed, lr, base, fit_scale)),
-        "retro": ("retro_small", common + r.schedule(r.steps)),
-        "realm": ("realm_small", warm + ["retrieval.refresh_every=0"]),
+        f"cont_x{warm_scale:g}": ("cont", "baseline_small", warm),
+        f"fit_x{fit_scale:g}": ("fit", "retro_fit", fit_overrides(r, seed, lr, base, fit_scale)),
+        "retro": ("retro", "retro_small", r.common(seed, lr) + r.schedule(r.steps)),
+        f"realm_x{warm_scale:g}": ("realm", "realm_small", warm + ["retrieval.refresh_every=0"]),
     }
     if seed == r.seeds[0]:
-      plan["realm_refreshed"] = ("realm_small", warm + [
+      plan[f"realm_refreshed_x{warm_scale:g}"] = ("realm_refreshed", "realm_small", warm + [
           f"retrieval.refresh_every={max(1, r.extra_steps // 3)}"])
     runs.setdefault("base", {})[seed] = base
-    for run, (name, overrides) in plan.items():
-      label = f"fit_x{fit_scale:g}" if run == "fit" else run
+    for label, (run, name, overrides) in plan.items():
       runs.setdefault(run, {})[seed] = runner.train(f"{label}_s{seed}", name, overrides)
   return runs
 
@@ -276,8 +300,10 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
   rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
   rows["sweep"] = sweep(runner)
   if STAGES.index(until) >= STAGES.index("train"):
-    rows["fit_sweep"] = fit_sweep(runner, rows["sweep"]["learning_rate"])
-    runs = train_all(runner, rows["sweep"]["learning_rate"], rows["fit_sweep"]["scale"])
+    lr = rows["sweep"]["learning_rate"]
+    rows["fit_sweep"] = fit_sweep(runner, lr)
+    rows["warm_sweep"] = warm_sweep(runner, lr)
+    runs = train_all(runner, lr, rows["fit_sweep"]["scale"], rows["warm_sweep"]["scale"])
     rows["runs"] = {run: {s: str(p) for s, p in by_seed.items()} for run, by_seed in runs.items()}
     if STAGES.index(until) >= STAGES.index("eval"):
       rows["evals"] = evaluate_all(runner, runs)

@@ -91,6 +91,7 @@ def test_report_renders_from_rows(tmp_path):
   rows = {"recipe": vars(results.QUICK) | {"seeds": [0, 1]}, "evals": evals, "runs": {},
           "sweep": {"perplexity": {"0.003": 120.0}, "learning_rate": 0.003},
           "fit_sweep": {"perplexity": {"1": 81.0}, "scale": 1.0},
+          "warm_sweep": {"perplexity": {"0.1": 99.0}, "scale": 0.1},
           "leakage": {"training split": {"shared_doc_ids": [], "verbatim_chunks": 0,
                                          "chunks": 10}}}
   evals_dir = tmp_path / "evals"
