@@ -74,6 +74,8 @@ def test_report_compares_per_seed_and_calls_targets_only_beyond_the_spread():
   assert met["kNN-LM"] is True
   evals.update(_evals({"fit_related": [80.0, 88.0, 72.0]}))
   assert report.targets(evals)[0][2] is True
+  two_seeds = {k: v for k, v in evals.items() if not k.split("/")[1] == "2"}
+  assert all(met is None for _, _, met in report.targets(two_seeds))  # too few seeds
   assert report.stats([1.0])["std"] == 0.0
 
 
