@@ -326,11 +326,13 @@ def report_only(out: Path, recipe: Recipe) -> dict[str, Any]:
   cached = {p.stem.replace("__", "/"): json.loads(p.read_text())
             for p in (out / "evals").glob("*.json")}
   rows["evals"] = {**cached, **rows.get("evals", {})}
-  for name in ("sweep", "fit_sweep", "warm_sweep"):  # the sweeps so far, from their evaluations
+  sweeps = {"sweep": recipe.learning_rates, "fit_sweep": recipe.fit_lr_scales,
+            "warm_sweep": recipe.warm_lr_scales}
+  for name, values in sweeps.items():  # the sweeps so far, from their evaluations
     done = {k.split("/")[1]: v["perplexity"] for k, v in cached.items()
             if k.startswith(f"{name}/")}
     if done and not rows.get(name, {}).get("perplexity"):
-      rows[name] = {"perplexity": done, "partial": True,
+      rows[name] = {"perplexity": done, "partial": len(done) < len(values),
                     ("learning_rate" if name == "sweep" else "scale"):
                         float(min(done, key=done.get)) if done else 0.0}
   rows["progress"] = progress(out)
