@@ -30,7 +30,7 @@ from models import knnlm
 from models.layers import Spec
 from data import dataset
 from retrieval import build, knn_datastore as knn_lib
-from training import bundle, checkpoint, loop, overlap_eval, sharding
+from training import bundle, checkpoint, loop, overlap_eval, refresh, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
@@ -134,8 +134,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
     result["retrieval"] = bool(retrieval)
     result["datastore"] = config.retrieval.datastore or "train split"
     result["datastore_drop_heldout"] = config.retrieval.datastore_drop_heldout
-    if loop.refresh_every(config):  # the index as the run left it: re-embedded by these params
-      artifacts = loop.refresh_candidates(config, artifacts, params)
+    if refresh.refresh_every(config):  # the index as the run left it: re-embedded by these params
+      artifacts = refresh.refresh_candidates(config, artifacts, params)
       result["index"] = f"refreshed at step {saved['step']}"
     else:
       result["index"] = "frozen"

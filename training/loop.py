@@ -19,7 +19,6 @@ What is never lost or trusted wrongly (docs/RELIABILITY.md has the full table):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -39,8 +38,8 @@ import models
 from common.artifacts import atomic_write_text
 from common.errors import UserError
 from data import dataset
-from retrieval import build, candidates, datastore
-from training import checkpoint, flops as flops_lib, metrics as metrics_lib, sharding
+from retrieval import build
+from training import checkpoint, flops as flops_lib, metrics as metrics_lib, refresh, sharding
 from training.lock import RunLock
 from training.state import abstract_train_state, create_train_state, warm_start
 from training.step import make_train_step
@@ -66,6 +65,14 @@ def train_batch(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
   return artifacts.batch("train", idx_B)
 
 
+def eval_batch(artifacts: build.Artifacts, split: str, idx_B: np.ndarray, score_from: int
+               ) -> dict[str, np.ndarray]:
+  """Evaluation batch `idx_B` of `split` with the targets of positions < `score_from` unscored."""
+  batch = artifacts.batch(split, idx_B)
+  batch["weights"][:, :score_from] = 0.0
+  return batch
+
+
 def make_eval_fn(model_config: ml_collections.ConfigDict
                  ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
   """Jitted (params, batch) -> {nll_sum, tokens, ...}: the loss without dropout."""
@@ -89,8 +96,7 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
   weighted: dict[str, float] = {}
   pending = []
   for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False):
-    batch = artifacts.batch(split, idx_B)
-    batch["weights"][:, :score_from] = 0.0
+    batch = eval_batch(artifacts, split, idx_B, score_from)
     pending.append(eval_fn(params, device_batch(batch, mesh, drop)))
   for aux in jax.device_get(pending):
     nll_sum += float(aux["nll_sum"])
@@ -100,31 +106,6 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
   loss = nll_sum / max(tokens, 1.0)
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens,
           "batches": len(batches), **{k: v / max(tokens, 1.0) for k, v in sorted(weighted.items())}}
-
-
-def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
-                        params: Any) -> build.Artifacts:
-  """REALM: re-embed the datastore and the queries with the current encoders; new candidates."""
-  model = models.get_model(config.model)
-  cls = type(model)
-  docs = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_documents))
-  queries = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_query))
-  r = config.retrieval
-  splits = {name: artifacts.prepared.split(name) for name in artifacts.retrieved.arrays}
-  stale_NxE = datastore.datastore_embeddings(config, artifacts.prepared, artifacts.datastore)
-  stale_queries = {name: artifacts.retrieved.arrays[name][candidates.QUERIES] for name in splits}
-  retrieved = candidates.refresh(
-      lambda t, e: np.asarray(docs(params, t, e)), lambda t, e: np.asarray(queries(params, t, e)),
-      artifacts.datastore.split, stale_NxE, splits, stale_queries, config.model.num_neighbours,
-      overfetch=r.overfetch, metric=r.metric, index_spec=r.index,
-      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe, ef_search=r.ef_search,
-      batch_keys=artifacts.retrieved.batch_keys)
-  return dataclasses.replace(artifacts, retrieved=retrieved)
-
-
-def refresh_every(config: ml_collections.ConfigDict) -> int:
-  """Steps between refreshes of the stale index (the family decides; 0 = frozen)."""
-  return models.get_family(config.model).refresh_every(config)
 
 
 def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
@@ -270,10 +251,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   timings["init"] = time.perf_counter() - start
 
   refreshed_at = 0
-  every = refresh_every(config)
+  every = refresh.refresh_every(config)
   if every and first >= every:
     refreshed_at = first - first % every
-    artifacts = refresh_candidates(config, artifacts, state.params)
+    artifacts = refresh.refresh_candidates(config, artifacts, state.params)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=first)  # drops a dead run's records
   lagged = metrics_lib.Lagged()
@@ -309,7 +290,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     with stop:
       for step in range(first, end):
         if every and step > 0 and step % every == 0 and step != refreshed_at:
-          artifacts = refresh_candidates(config, artifacts, state.params)
+          artifacts = refresh.refresh_candidates(config, artifacts, state.params)
           refreshed_at = step
         batch = device_batch(train_batch(config, artifacts, step), mesh)
         state, step_metrics = step_fn(state, batch)

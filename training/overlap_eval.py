@@ -176,8 +176,7 @@ def score_split(chunk_fn: Callable, params: Any, artifacts: build.Artifacts, spl
     batches = batches[:max_batches]
   pending = []
   for idx_B in tqdm(batches, desc="eval (overlap buckets)", unit="batch", leave=False):
-    batch = artifacts.batch(split, idx_B)
-    batch["weights"][:, :score_from] = 0.0
+    batch = loop.eval_batch(artifacts, split, idx_B, score_from)
     overlap_BxL = ref.per_target(idx_B, part.seq_len)
     filter_weights(batch, overlap_BxL, max_overlap)
     batch[BUCKET_KEY] = overlap.bucket_of(overlap_BxL).astype(np.int32)
