@@ -259,11 +259,12 @@ def overlap_tables(rows: dict[str, Any], evals_dir: Path | None
   return {label: t for label, t in tables.items() if t}
 
 
-def _eval_curve(run_dirs: dict[str, str], offset: int, tokens_per_step: int
+def _eval_curve(logs: Path, run_names: dict[str, str], offset: int, tokens_per_step: int
                 ) -> dict[int, list[tuple[int, float]]]:
+  """seed -> [(training tokens, validation perplexity)] from the runs' kept logs."""
   out = {}
-  for seed, workdir in run_dirs.items():
-    path = Path(workdir) / "metrics.jsonl"
+  for seed, name in run_names.items():
+    path = logs / f"{name}.jsonl"
     if not path.exists():
       continue
     points = [(offset + rec["step"] * tokens_per_step, rec["eval/perplexity"])
@@ -284,8 +285,8 @@ def plots(rows: dict[str, Any], out: Path, tokens_per_step: int = 8 * 512) -> No
   base_tokens = r["steps"] * tokens_per_step
   for run, label in (("base", "baseline"), ("retro", "RETRO"), ("cont", "baseline continued"),
                      ("fit", "RETRO-fitted (own datastore)"), ("realm", "REALM k=4")):
-    curves = _eval_curve(runs.get(run, {}), base_tokens if run in ("cont", "fit", "realm") else 0,
-                         tokens_per_step)
+    offset = base_tokens if run in ("cont", "fit", "realm") else 0
+    curves = _eval_curve(out / "logs", runs.get(run, {}), offset, tokens_per_step)
     if not curves:
       continue
     n = min(len(c) for c in curves.values())

@@ -16,8 +16,10 @@ scored on the same target tokens (`eval.score_from`: the targets after REALM's q
    on the baseline with (lambda, temperature) chosen on validation; REALM with k=1 and k=4;
    retrieval on vs off over training (seed 0 checkpoints).
 Writes `<out>/RESULTS.md`, `<out>/results.json` and the plots (scripts/report.py). Every
-part resumes: training from its checkpoints, evaluations from `<out>/evals/`. Each part (one
-model, one seed) takes well under 2 hours on 2 cores, so the run can span several sittings.
+part resumes: training from its checkpoints, evaluations from `<out>/evals/`, which is
+committed with the evaluation curves in `<out>/logs/`: a run is trained only while one of its
+evaluations is missing, so the protocol spans sittings on fresh machines seed by seed (one
+seed's runs and evaluations take under 2 hours on 2 cores; checkpoints need not survive).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,8 +68,13 @@ class Recipe:
     return [f"seed={seed}", f"train.learning_rate={lr}", f"eval.score_from={self.score_from}",
             f"eval.batches={self.curve_batches}"]
 
-  def schedule(self, steps: int, evals: int = 4) -> list[str]:
+  def checkpoint_steps(self, steps: int, evals: int = 4) -> tuple[int, ...]:
+    """The steps a run keeps a checkpoint of: every steps // evals, and the last."""
     every = max(1, steps // evals)
+    return tuple(sorted({*range(every, steps + 1, every), steps}))
+
+  def schedule(self, steps: int, evals: int = 4) -> list[str]:
+    every = self.checkpoint_steps(steps, evals)[0]
     return [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
             f"train.eval_every={every}", f"train.checkpoint_every={every}",
             "train.keep_checkpoints=100"]
@@ -79,43 +87,96 @@ QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), fit_lr_scales=(
                warm_lr_scales=(0.1,), seeds=(0,), eval_batches=4, curve_batches=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of the protocol: `configs/<config>.py` with `overrides`, in
+  `<out>/runs/<name>`; `base` is the run whose checkpoint it starts from (train.init_from)."""
+  name: str
+  config: str
+  overrides: tuple[str, ...]
+  checkpoints: tuple[int, ...]  # the steps it keeps (for the curves)
+  base: "Run | None" = None
+
+
 class Runner:
-  """Trains runs and evaluates checkpoints under `out`, skipping whatever is done."""
+  """Evaluates the protocol's runs under `out`, training a run only when an evaluation that
+  is not cached needs it (or a run that starts from it does).
+
+  Evaluations are cached in `<out>/evals/` (committed: a later sitting on a fresh machine
+  reuses them without the checkpoints) with the run's config and the code's commit; a
+  run's evaluation curve is kept in `<out>/logs/<run>.jsonl`. Checkpoints in `<out>/runs/`
+  are only needed while a run's evaluations or the runs that start from it are pending.
+  """
 
   def __init__(self, out: Path, recipe: Recipe):
     self.out, self.recipe = out, recipe
-    (out / "evals").mkdir(parents=True, exist_ok=True)
+    for sub in ("evals", "logs"):
+      (out / sub).mkdir(parents=True, exist_ok=True)
     self.seconds: dict[str, float] = {}
 
-  def train(self, run: str, name: str, overrides: list[str]) -> Path:
-    workdir = self.out / "runs" / run
+  def run(self, name: str, config: str, seed: int, lr: float, steps: int, evals: int = 4,
+          base: Run | None = None, extra: tuple[str, ...] = ()) -> Run:
+    """A run on the recipe's schedule: `steps` steps, `evals` evaluations and checkpoints."""
+    r = self.recipe
+    init = (f"train.init_from={self.workdir(base)}",) if base else ()
+    return Run(name, config, tuple(r.common(seed, lr) + r.schedule(steps, evals)) + init + extra,
+               r.checkpoint_steps(steps, evals), base)
+
+  def workdir(self, run: Run) -> Path:
+    return self.out / "runs" / run.name
+
+  def ensure(self, run: Run) -> Path:
+    """Trains `run` (and first the run it starts from) unless it has finished."""
+    workdir = self.workdir(run)
     if not (workdir / "final_metrics.json").exists():
+      if run.base is not None:
+        self.ensure(run.base)
       start = time.perf_counter()
-      final = train_and_evaluate(configs.load(name, overrides), str(workdir))
+      final = train_and_evaluate(configs.load(run.config, list(run.overrides)), str(workdir))
       if final.get("stopped"):  # SIGTERM / Ctrl-C: the run saved its step; stop here too
-        print(f"results: run {run!r} stopped ({final['stopped']}); rerun the same command to "
-              f"resume", flush=True)
+        print(f"results: run {run.name!r} stopped ({final['stopped']}); rerun the same "
+              f"command to resume", flush=True)
         raise SystemExit(0)
-      self.seconds[f"train/{run}"] = round(time.perf_counter() - start, 1)
+      self.seconds[f"train/{run.name}"] = round(time.perf_counter() - start, 1)
+    log = self.out / "logs" / f"{run.name}.jsonl"
+    if not log.exists():
+      lines = [line for line in (workdir / "metrics.jsonl").read_text().splitlines()
+               if "eval/perplexity" in line]
+      atomic_write_text(log, "\n".join(lines) + "\n")
     return workdir
 
-  def eval(self, key: str, workdir: Path, **kwargs: Any) -> dict[str, Any]:
+  def eval(self, key: str, run: Run, **kwargs: Any) -> dict[str, Any]:
     path = self.out / "evals" / (key.replace("/", "__") + ".json")
+    identity = {"run": run.name, "config": run.config, "overrides": list(run.overrides)}
     if path.exists():
       cached = json.loads(path.read_text())
-      if cached.get("workdir") == str(workdir):  # (a run of another recipe: evaluate anew)
+      if {k: cached.get(k) for k in identity} == identity:  # else: another recipe's run
         return cached
+    workdir = self.ensure(run)
     start = time.perf_counter()
-    batches = self.recipe.eval_batches
-    result = evaluate(workdir, batches=batches, write=False,
+    result = evaluate(workdir, batches=self.recipe.eval_batches, write=False,
                       overrides=[f"eval.score_from={self.recipe.score_from}"], **kwargs)
     chunks = result.get("chunks")
     if chunks is not None:  # per-[sequence, chunk] scores, for the overlap joins of report.py
-      np.savez(path.with_suffix(".npz"), **dataclasses.asdict(chunks))
+      np.savez_compressed(path.with_suffix(".npz"), **dataclasses.asdict(chunks))
     result = {k: v for k, v in result.items() if _jsonable(v)}
+    result.update(identity, commit=_commit())
     self.seconds[f"eval/{key}"] = round(time.perf_counter() - start, 1)
     atomic_write_text(path, json.dumps(result, indent=1))
     return result
+
+
+def _commit() -> str:
+  """The code's git commit (+ "-dirty" for uncommitted changes), recorded with each result."""
+  root = Path(__file__).resolve().parents[1]
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           text=True, capture_output=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("-dirty" if dirty else "")
 
 
 def _jsonable(value: Any) -> bool:
@@ -126,139 +187,123 @@ def _jsonable(value: Any) -> bool:
     return False
 
 
+def baseline(runner: Runner, seed: int, lr: float) -> Run:
+  r = runner.recipe
+  return runner.run(f"baseline_lr{lr:g}_s{seed}", "baseline_small", seed, lr, r.steps)
+
+
 def sweep(runner: Runner) -> dict[str, Any]:
   """The baseline at every swept learning rate (seed 0); the best on validation wins."""
-  r = runner.recipe
   out = {}
-  for lr in r.learning_rates:
-    workdir = runner.train(f"baseline_lr{lr:g}_s0", "baseline_small",
-                           r.common(0, lr) + r.schedule(r.steps))
-    out[f"{lr:g}"] = runner.eval(f"sweep/{lr:g}", workdir, split="validation")["perplexity"]
+  for lr in runner.recipe.learning_rates:
+    out[f"{lr:g}"] = runner.eval(f"sweep/{lr:g}", baseline(runner, 0, lr),
+                                 split="validation")["perplexity"]
   best = min(out, key=out.get)
   return {"perplexity": out, "learning_rate": float(best)}
 
 
-def fit_overrides(recipe: Recipe, seed: int, lr: float, base: Path, scale: float) -> list[str]:
-  """RETRO-fitting from `base` on the Folio of the training plays (held-out editions out)."""
-  return (recipe.common(seed, lr * scale) + [f"train.init_from={base}"] +
-          recipe.schedule(recipe.extra_steps, evals=3) +
-          [f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True"])
+def fit_run(runner: Runner, seed: int, lr: float, scale: float) -> Run:
+  """RETRO-fitting from the baseline on the Folio of the training plays (held-out editions
+  out); only the encoder and the cross-attention train."""
+  return runner.run(f"fit_x{scale:g}_s{seed}", "retro_fit", seed, lr * scale,
+                    runner.recipe.extra_steps, 3, baseline(runner, seed, lr),
+                    (f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True"))
+
+
+def warm_run(runner: Runner, label: str, config: str, seed: int, lr: float, scale: float,
+             extra: tuple[str, ...] = ()) -> Run:
+  """Training on from the baseline at `scale` x its learning rate (continued baseline, REALM)."""
+  return runner.run(f"{label}_x{scale:g}_s{seed}", config, seed, lr * scale,
+                    runner.recipe.extra_steps, 3, baseline(runner, seed, lr), extra)
 
 
 def fit_sweep(runner: Runner, lr: float) -> dict[str, Any]:
-  """RETRO-fitting's learning rate (only the new parameters train): each scale of the
-  recipe's on seed 0, scored on validation with the related Folio datastore."""
-  r, seed = runner.recipe, runner.recipe.seeds[0]
-  base = runner.out / "runs" / f"baseline_lr{lr:g}_s{seed}"
-  out = {}
-  for scale in r.fit_lr_scales:
-    workdir = runner.train(f"fit_x{scale:g}_s{seed}", "retro_fit",
-                           fit_overrides(r, seed, lr, base, scale))
-    out[f"{scale:g}"] = runner.eval(f"fit_sweep/{scale:g}", workdir, split="validation",
-                                    datastore=FOLIO, drop_heldout=False)["perplexity"]
+  """RETRO-fitting's learning rate: each scale of the recipe's on seed 0, scored on
+  validation with the related Folio datastore."""
+  out = {f"{s:g}": runner.eval(f"fit_sweep/{s:g}", fit_run(runner, 0, lr, s), split="validation",
+                               datastore=FOLIO, drop_heldout=False)["perplexity"]
+         for s in runner.recipe.fit_lr_scales}
   return {"perplexity": out, "scale": float(min(out, key=out.get))}
-
-
-def warm_overrides(recipe: Recipe, seed: int, lr: float, base: Path) -> list[str]:
-  return (recipe.common(seed, lr) + [f"train.init_from={base}"] +
-          recipe.schedule(recipe.extra_steps, evals=3))
 
 
 def warm_sweep(runner: Runner, lr: float) -> dict[str, Any]:
   """The learning rate of training on from a trained baseline (the continued baseline and
   REALM's reader): re-warming to the recipe's peak can undo what the baseline learned, so
   each scale is tried on the continued baseline (seed 0) and chosen on validation."""
-  r, seed = runner.recipe, runner.recipe.seeds[0]
-  base = runner.out / "runs" / f"baseline_lr{lr:g}_s{seed}"
-  out = {}
-  for scale in r.warm_lr_scales:
-    workdir = runner.train(f"cont_x{scale:g}_s{seed}", "baseline_small",
-                           warm_overrides(r, seed, lr * scale, base))
-    out[f"{scale:g}"] = runner.eval(f"warm_sweep/{scale:g}", workdir,
-                                    split="validation")["perplexity"]
+  out = {f"{s:g}": runner.eval(f"warm_sweep/{s:g}",
+                               warm_run(runner, "cont", "baseline_small", 0, lr, s),
+                               split="validation")["perplexity"]
+         for s in runner.recipe.warm_lr_scales}
   return {"perplexity": out, "scale": float(min(out, key=out.get))}
 
 
-def train_all(runner: Runner, lr: float, fit_scale: float, warm_scale: float
-              ) -> dict[str, dict[int, Path]]:
-  """Every run of every seed (in seed order, so seed 0's rows are complete first)."""
+def plan(runner: Runner, seed: int, lr: float, fit_scale: float, warm_scale: float
+         ) -> dict[str, Run]:
+  """Every run of one seed: row name -> Run (nothing is trained here)."""
   r = runner.recipe
-  runs: dict[str, dict[int, Path]] = {}
-  for seed in r.seeds:
-    base = runner.train(f"baseline_lr{lr:g}_s{seed}", "baseline_small",
-                        r.common(seed, lr) + r.schedule(r.steps))
-    warm = warm_overrides(r, seed, lr * warm_scale, base)
-    plan = {
-        f"cont_x{warm_scale:g}": ("cont", "baseline_small", warm),
-        f"fit_x{fit_scale:g}": ("fit", "retro_fit", fit_overrides(r, seed, lr, base, fit_scale)),
-        "retro": ("retro", "retro_small", r.common(seed, lr) + r.schedule(r.steps)),
-        f"realm_x{warm_scale:g}": ("realm", "realm_small", warm + ["retrieval.refresh_every=0"]),
-    }
-    if seed == r.seeds[0]:
-      plan[f"realm_refreshed_x{warm_scale:g}"] = ("realm_refreshed", "realm_small", warm + [
-          f"retrieval.refresh_every={max(1, r.extra_steps // 3)}"])
-    runs.setdefault("base", {})[seed] = base
-    for label, (run, name, overrides) in plan.items():
-      runs.setdefault(run, {})[seed] = runner.train(f"{label}_s{seed}", name, overrides)
+  runs = {"base": baseline(runner, seed, lr),
+          "cont": warm_run(runner, "cont", "baseline_small", seed, lr, warm_scale),
+          "fit": fit_run(runner, seed, lr, fit_scale),
+          "retro": runner.run(f"retro_s{seed}", "retro_small", seed, lr, r.steps),
+          "realm": warm_run(runner, "realm", "realm_small", seed, lr, warm_scale,
+                            ("retrieval.refresh_every=0",))}
+  if seed == r.seeds[0]:
+    runs["realm_refreshed"] = warm_run(
+        runner, "realm_refreshed", "realm_small", seed, lr, warm_scale,
+        (f"retrieval.refresh_every={max(1, r.extra_steps // 3)}",))
   return runs
 
 
-def evaluate_all(runner: Runner, runs: dict[str, dict[int, Path]]) -> dict[str, Any]:
-  """Every evaluation of the protocol: key "<row>/<seed>/<split>" -> evaluate()'s result."""
+def evaluate_seed(runner: Runner, seed: int, runs: dict[str, Run]) -> dict[str, Any]:
+  """Every evaluation of one seed: key "<row>/<seed>/<split>" -> evaluate()'s result."""
   rows: dict[str, Any] = {}
   for split in ("validation", "test"):
-    for seed in runner.recipe.seeds:
-      def ev(row: str, run: str, **kwargs: Any) -> None:
-        key = f"{row}/{seed}/{split}"
-        rows[key] = runner.eval(key, runs[run][seed], split=split, **kwargs)
-      ev("base", "base")
-      ev("cont", "cont")
-      ev("retro", "retro")
-      ev("retro_off", "retro", retrieval=False)
-      ev("fit_related", "fit", datastore=FOLIO, drop_heldout=False)
-      ev("fit_unrelated", "fit")
-      ev("fit_off", "fit", retrieval=False)
-      for k in (1, 4):
-        ev(f"realm_k{k}", "realm", k=k)
-        if seed in runs["realm_refreshed"]:
-          ev(f"realm_refreshed_k{k}", "realm_refreshed", k=k)
-  rows.update(knn_rows(runner, runs["base"]))
-  rows.update(curves(runner, runs))
+    def ev(row: str, run: str, **kwargs: Any) -> None:
+      key = f"{row}/{seed}/{split}"
+      rows[key] = runner.eval(key, runs[run], split=split, **kwargs)
+    ev("base", "base")
+    ev("cont", "cont")
+    ev("fit_related", "fit", datastore=FOLIO, drop_heldout=False)
+    ev("fit_unrelated", "fit")
+    ev("fit_off", "fit", retrieval=False)
+    ev("retro", "retro")
+    ev("retro_off", "retro", retrieval=False)
+    for k in (1, 4):
+      ev(f"realm_k{k}", "realm", k=k)
+      if "realm_refreshed" in runs:
+        ev(f"realm_refreshed_k{k}", "realm_refreshed", k=k)
+  rows.update(knn_rows(runner, seed, runs["base"]))
+  if seed == runner.recipe.seeds[0]:
+    rows.update(curves(runner, runs))
   return rows
 
 
-def knn_rows(runner: Runner, bases: dict[int, Path]) -> dict[str, Any]:
-  """kNN-LM on each seed's baseline: (lambda, T) with the lowest validation perplexity,
-  then the test perplexity at exactly that (lambda, T)."""
-  rows = {}
-  for seed, base in bases.items():
-    val = {t: runner.eval(f"knn_T{t:g}/{seed}/validation", base, split="validation",
-                          knn={"temperature": t})["knn"] for t in KNN_TEMPERATURES}
-    best_t = min(val, key=lambda t: val[t]["best_perplexity"])
-    lam = val[best_t]["best_lam"]
-    test = runner.eval(f"knn_T{best_t:g}/{seed}/test", base, split="test",
-                       knn={"temperature": best_t, "lam": lam})["knn"]
-    at = next(s for s in test["sweep"] if s["lam"] == lam)
-    rows[f"knn/{seed}/validation"] = {"perplexity": val[best_t]["best_perplexity"],
-                                      "lam": lam, "temperature": best_t, "sweeps": val}
-    rows[f"knn/{seed}/test"] = {"perplexity": at["perplexity_approximate"],
-                                "perplexity_exact": at["perplexity_exact"], "lam": lam,
-                                "temperature": best_t, "lm_perplexity": test["lm_perplexity"]}
-  return rows
+def knn_rows(runner: Runner, seed: int, base: Run) -> dict[str, Any]:
+  """kNN-LM on the seed's baseline: (lambda, T) with the lowest validation perplexity, then
+  the test perplexity at exactly that (lambda, T)."""
+  val = {t: runner.eval(f"knn_T{t:g}/{seed}/validation", base, split="validation",
+                        knn={"temperature": t})["knn"] for t in KNN_TEMPERATURES}
+  best_t = min(val, key=lambda t: val[t]["best_perplexity"])
+  lam = val[best_t]["best_lam"]
+  test = runner.eval(f"knn_T{best_t:g}/{seed}/test", base, split="test",
+                     knn={"temperature": best_t, "lam": lam})["knn"]
+  at = next(s for s in test["sweep"] if s["lam"] == lam)
+  return {f"knn/{seed}/validation": {"perplexity": val[best_t]["best_perplexity"],
+                                     "lam": lam, "temperature": best_t, "sweeps": val},
+          f"knn/{seed}/test": {"perplexity": at["perplexity_approximate"],
+                               "perplexity_exact": at["perplexity_exact"], "lam": lam,
+                               "temperature": best_t, "lm_perplexity": test["lm_perplexity"]}}
 
 
-def curves(runner: Runner, runs: dict[str, dict[int, Path]]) -> dict[str, Any]:
-  """Retrieval on vs off at every kept checkpoint of seed 0's RETRO-fitting (with the
+def curves(runner: Runner, runs: dict[str, Run]) -> dict[str, Any]:
+  """Retrieval on vs off at every kept checkpoint of the seed's RETRO-fitting (with the
   related Folio datastore) and RETRO from scratch, on validation."""
-  seed = runner.recipe.seeds[0]
   out = {}
-  for run, kwargs in (("fit", {"datastore": FOLIO, "drop_heldout": False}), ("retro", {})):
-    workdir = runs[run][seed]
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    for step in steps:
+  for name, kwargs in (("fit", {"datastore": FOLIO, "drop_heldout": False}), ("retro", {})):
+    for step in runs[name].checkpoints:
       for mode, on in (("on", True), ("off", False)):
-        key = f"curve_{run}_{mode}/{step}/validation"
-        out[key] = runner.eval(key, workdir, split="validation", step=step, retrieval=on,
+        key = f"curve_{name}_{mode}/{step}/validation"
+        out[key] = runner.eval(key, runs[name], split="validation", step=step, retrieval=on,
                                **(kwargs if on else {}))
   return out
 
@@ -286,7 +331,8 @@ def leakage() -> dict[str, Any]:
 
 
 def progress(out: Path) -> dict[str, list[str]]:
-  """The runs under `out/runs` that finished and those started but not finished."""
+  """The runs on this machine's disk (`out/runs`) that finished and those started but not
+  finished, and the evaluations cached (`out/evals`, kept across sittings)."""
   runs = sorted(p for p in (out / "runs").glob("*") if p.is_dir())
   return {"finished": [p.name for p in runs if (p / "final_metrics.json").exists()],
           "unfinished": [p.name for p in runs if not (p / "final_metrics.json").exists()],
@@ -294,8 +340,9 @@ def progress(out: Path) -> dict[str, list[str]]:
 
 
 def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
-  """Runs the protocol up to stage `until`, then writes results.json (and with "report"
-  RESULTS.md and the plots); a partial run reports what it has so far."""
+  """Runs the protocol up to stage `until`, seed by seed (so each seed's rows are complete
+  before the next starts), then writes results.json (and with "report" RESULTS.md and the
+  plots); a partial run reports what it has so far."""
   runner = Runner(out, recipe)
   rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
   rows["sweep"] = sweep(runner)
@@ -303,10 +350,19 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
     lr = rows["sweep"]["learning_rate"]
     rows["fit_sweep"] = fit_sweep(runner, lr)
     rows["warm_sweep"] = warm_sweep(runner, lr)
-    runs = train_all(runner, lr, rows["fit_sweep"]["scale"], rows["warm_sweep"]["scale"])
-    rows["runs"] = {run: {s: str(p) for s, p in by_seed.items()} for run, by_seed in runs.items()}
-    if STAGES.index(until) >= STAGES.index("eval"):
-      rows["evals"] = evaluate_all(runner, runs)
+    plans = {seed: plan(runner, seed, lr, rows["fit_sweep"]["scale"], rows["warm_sweep"]["scale"])
+             for seed in recipe.seeds}
+    rows["runs"] = {}
+    for seed, runs in plans.items():
+      for row, r in runs.items():
+        rows["runs"].setdefault(row, {})[seed] = r.name
+    rows["evals"] = {}
+    for seed, runs in plans.items():
+      if until == "train":
+        for r in runs.values():
+          runner.ensure(r)
+      else:
+        rows["evals"].update(evaluate_seed(runner, seed, runs))
   rows["seconds"] = runner.seconds
   rows["progress"] = progress(out)
   rows["complete"] = until == "report"

@@ -3,6 +3,7 @@ check, and the report's statistics and targets (scripts/results.py, scripts/repo
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -40,19 +41,53 @@ def test_leakage_finds_the_evaluated_text_not_another_edition():
 
 
 @pytest.mark.parametrize("recipe", [results.FULL, results.QUICK])
-def test_every_run_of_the_protocol_is_a_valid_config(recipe):
-  """Each run's overrides (schedule, seeds, warm start, datastores) load and validate."""
-  lr = recipe.learning_rates[0]
-  common = recipe.common(2, lr)
-  for name, extra in (("baseline_small", recipe.schedule(recipe.steps)),
-                      ("retro_small", recipe.schedule(recipe.steps)),
-                      ("retro_fit", recipe.schedule(recipe.extra_steps, 3) + [
-                          f"retrieval.datastore={results.FOLIO}", "train.init_from=x"]),
-                      ("realm_small", recipe.schedule(recipe.extra_steps, 3) + [
-                          "retrieval.refresh_every=0", "train.init_from=x"])):
-    config = configs.load(name, common + extra)
-    assert config.seed == 2 and config.eval.score_from == config.model.chunk_size - 1
-    assert config.data.test_fraction > 0
+def test_every_run_of_the_protocol_is_a_valid_config(recipe, tmp_path):
+  """Each planned run's overrides (schedule, seeds, warm start, datastores) load and
+  validate, and the runs that start from the baseline point at its workdir."""
+  runner = results.Runner(tmp_path, recipe)
+  for seed in recipe.seeds:
+    runs = results.plan(runner, seed, recipe.learning_rates[0], 3.0, 0.1)
+    assert ("realm_refreshed" in runs) == (seed == recipe.seeds[0])
+    for row, run in runs.items():
+      config = configs.load(run.config, list(run.overrides))
+      assert config.seed == seed and config.eval.score_from == config.model.chunk_size - 1
+      assert config.data.test_fraction > 0
+      assert config.train.init_from == (str(runner.workdir(runs["base"]))
+                                        if run.base else "")
+      assert run.checkpoints[-1] == config.train.steps
+
+
+def test_runner_trains_only_what_a_missing_evaluation_needs(tmp_path, monkeypatch):
+  """Cached evaluations (committed, no checkpoints) are reused; a missing one trains its run
+  and first the baseline it starts from; a cached result of another config is redone."""
+  trained, evaluated = [], []
+
+  def fake_train(config, workdir):
+    trained.append(Path(workdir).name)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / "metrics.jsonl").write_text('{"step": 1, "eval/perplexity": 9.0}\n')
+    (Path(workdir) / "final_metrics.json").write_text("{}")
+    return {}
+
+  def fake_evaluate(workdir, **kwargs):
+    evaluated.append(Path(workdir).name)
+    return {"perplexity": 1.0}
+
+  monkeypatch.setattr(results, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(results, "evaluate", fake_evaluate)
+  runner = results.Runner(tmp_path, results.QUICK)
+  runs = results.plan(runner, 0, 3e-3, 1.0, 0.1)
+  runner.eval("cont/0/test", runs["cont"], split="test")
+  assert trained == ["baseline_lr0.003_s0", "cont_x0.1_s0"]
+  assert (tmp_path / "logs" / "cont_x0.1_s0.jsonl").exists()
+  for run in (tmp_path / "runs").iterdir():  # a new sitting on a fresh machine
+    (run / "final_metrics.json").unlink()
+  trained.clear()
+  assert runner.eval("cont/0/test", runs["cont"], split="test")["run"] == "cont_x0.1_s0"
+  assert trained == [] and evaluated == ["cont_x0.1_s0"]
+  changed = dataclasses.replace(runs["cont"], overrides=runs["cont"].overrides + ("eval.batches=3",))
+  runner.eval("cont/0/test", changed, split="test")
+  assert trained == ["baseline_lr0.003_s0", "cont_x0.1_s0"]
 
 
 def _evals(values: dict[str, list[float]]) -> dict[str, dict]:
