@@ -344,8 +344,9 @@ def run(out: Path, recipe: Recipe, until: str) -> dict[str, Any]:
   before the next starts), then writes results.json (and with "report" RESULTS.md and the
   plots); a partial run reports what it has so far."""
   runner = Runner(out, recipe)
-  rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "leakage": leakage()}
+  rows: dict[str, Any] = {"recipe": dataclasses.asdict(recipe)}
   rows["sweep"] = sweep(runner)
+  rows["leakage"] = leakage()  # (after the sweep, which needs no datastore)
   if STAGES.index(until) >= STAGES.index("train"):
     lr = rows["sweep"]["learning_rate"]
     rows["fit_sweep"] = fit_sweep(runner, lr)
