@@ -156,6 +156,13 @@ def test_killed_process_stops_the_other_and_rerun_resumes(runs, overrides):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_workdir_uri_is_not_mangled(tmp_path, monkeypatch):
+  """A gs:// workdir keeps its scheme (`Path.absolute` would make it ./gs:/bucket/run)."""
+  assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint.checkpoint_dir("run")) == str(tmp_path / "run" / "checkpoints")
+
+
 def _worker(argv: list[str]) -> None:
   """`train.main(argv)` with the test hooks of the module docstring."""
   import train

@@ -25,12 +25,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 import configs
@@ -118,7 +118,7 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
           "batches": len(batches), **{k: v / max(tokens, 1.0) for k, v in sorted(weighted.items())}}
 
 
-def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
+def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: epath.Path,
                   last_saved: int | None) -> None:
   """UserError naming the step if the loss, gradient or (updated) parameter norm is not finite.
 
@@ -184,7 +184,7 @@ class _StopSignals:
     return self.reason is not None
 
 
-def _saved_meta(workdir: Path) -> dict[str, Any] | None:
+def _saved_meta(workdir: epath.Path) -> dict[str, Any] | None:
   """The metadata of the latest checkpoint in `workdir`, or None if it has none."""
   if not checkpoint.checkpoint_dir(workdir).is_dir():
     return None
@@ -209,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.initialize_distributed(config.train)
   try:
     with RunLock(workdir) as lock:
-      return _train_and_evaluate(config, Path(workdir), lock)
+      return _train_and_evaluate(config, checkpoint.workdir_path(workdir), lock)
   except UserError as e:
     # The other processes may wait for this one at a barrier: exiting at once (not through
     # jax's shutdown barrier) lets them stop with one `sharding.PeerLost` line.
@@ -230,7 +230,7 @@ def _build_artifacts(config: ml_collections.ConfigDict) -> build.Artifacts:
   return artifacts
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         lock: RunLock) -> dict[str, Any]:
   timings: dict[str, float] = {}
   t = config.train
@@ -416,7 +416,7 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                      workdir: Path) -> None:
+                      workdir: epath.Path) -> None:
   """A workdir resumes only the model it was started with: same type, same shapes."""
   fix = (f"use another --workdir, or resume with the config it was trained with "
          f"(see {workdir}/config.json)")
@@ -434,7 +434,8 @@ def _check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDic
                     f"has model.{k}={new.get(k)!r}{more}; {fix}")
 
 
-def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any], workdir: Path) -> None:
+def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any],
+                    workdir: epath.Path) -> None:
   """A workdir resumes only on the artifacts (data, tokenizer, retrieval) it was started with."""
   stale = [k for k, v in meta["hashes"].items() if saved.get("hashes", {}).get(k, v) != v]
   if stale:
