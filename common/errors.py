@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -12,7 +13,8 @@ T = TypeVar("T")
 class UserError(Exception):
   """A problem with the user's input (config, corpus, artifact, workdir).
 
-  The message is one line that says what is wrong and how to fix it.
+  The message is one line that says what is wrong and how to fix it. A subclass whose
+  `skip_cleanup` is True makes `cli_main` exit without running exit handlers.
   """
 
 
@@ -31,6 +33,10 @@ def cli_main(fn: Callable[..., T]) -> Callable[..., T]:
       return fn(*args, **kwargs)
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
+      if getattr(e, "skip_cleanup", False):  # e.g. a peer process died: no exit handlers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
       sys.exit(2)
 
   return wrapper

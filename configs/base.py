@@ -132,6 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.mesh_data = -1  # -1: all devices on the data axis
   t.mesh_fsdp = 1
   t.multihost = False
+  # Multi-process runs: a process silent this long (seconds) stops the whole job.
+  t.heartbeat_timeout_s = 100
 
   # --- eval ---
   e = c.eval = ml_collections.ConfigDict()

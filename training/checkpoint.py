@@ -32,12 +32,12 @@ import os
 import shutil
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, PartitionSpec as P
 
 from common.errors import UserError
@@ -49,8 +49,15 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "os_error_code='28'")
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-  return Path(workdir).absolute() / CHECKPOINT_DIR
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """A run directory as an `epath.Path`: URIs (gs://bucket/run) as given, local paths
+  made absolute (orbax wants absolute paths; `Path.absolute` would mangle a URI)."""
+  path = epath.Path(workdir)
+  return path if "://" in os.fspath(workdir) else path.absolute()
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  return workdir_path(workdir) / CHECKPOINT_DIR
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -105,7 +112,7 @@ def _quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
-def _unreadable(step_dir: Path, error: Exception, earlier: list[int]) -> UserError:
+def _unreadable(step_dir: epath.Path, error: Exception, earlier: list[int]) -> UserError:
   """One line for any failure to read a checkpoint (orbax and tensorstore raise many types).
 
   `earlier`: the saved steps before this one (the fix names the one to fall back to).
@@ -303,7 +310,8 @@ class Checkpoints:
     """
     if jax.process_index() == 0 and self.directory.is_dir():
       for tmp in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+          tmp.rmtree()
 
   def __enter__(self) -> Checkpoints:
     return self

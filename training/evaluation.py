@@ -219,7 +219,12 @@ def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: data
                   step: int | None) -> tuple[knn_lib.KnnDatastore, Callable[..., Any]]:
   """The kNN-LM datastore of the training split under `params` (built once per checkpoint:
   `step` and a hash of the params key the cache), and the jitted
-  `apply(params, inputs) -> (logits, keys)` that made its keys."""
+  `apply(params, inputs) -> (logits, keys)` that made its keys. One process only: UserError
+  in a multi-process job (the keys of the whole training split are computed here)."""
+  if jax.process_count() > 1:
+    raise UserError(f"the kNN-LM datastore is built by one process, not "
+                    f"{jax.process_count()}; build it in a single-process run (python eval.py "
+                    f"--workdir DIR, on one host)")
   model = models.get_model(config.model)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_key=True))
   model_hash = f"step{step}-{params_hash(params)}" if step is not None else \

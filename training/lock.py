@@ -18,7 +18,8 @@ lock the deleted file while a third locks a new file of the same name.
 
 Only process 0 of a multi-process job takes the lock (the others write nothing the lock
 guards). Readers (`eval.py`, `generate.py`, `load_checkpoint`) never take it. On a
-filesystem without `flock` support the run goes on unlocked, after a one-line warning.
+filesystem without `flock` support, or a workdir given as a URI (gs://...), the run goes
+on unlocked, after a one-line warning.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class RunLock:
   """
 
   def __init__(self, workdir: str | os.PathLike):
+    self.remote = "://" in os.fspath(workdir)
     self.workdir = Path(workdir)
     self.path = lock_path(workdir)
     self._fd: int | None = None
@@ -89,8 +91,15 @@ class RunLock:
     return self._fd is not None
 
   def acquire(self) -> None:
-    """Takes the lock and records this process in the file; UserError if it is taken."""
+    """Takes the lock and records this process in the file; UserError if it is taken.
+
+    A workdir given as a URI (gs://...) has no flock: the run goes on unlocked.
+    """
     if self.held or jax.process_index() != 0:
+      return
+    if self.remote:
+      print(f"warning: {self.workdir} is not on a local filesystem: no lock, so a second "
+            f"train.py on this workdir is not detected", file=sys.stderr, flush=True)
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -25,12 +25,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 import configs
@@ -51,17 +51,25 @@ RESUMABLE_MODEL_FIELDS = ("dropout", "dtype", "remat", "attention", "loss_chunk"
 
 
 def device_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
-                 drop: tuple[str, ...] = ()) -> dict[str, jax.Array]:
-  """The model's part of a host batch, split over the mesh's batch axes."""
+                 drop: tuple[str, ...] = (), global_size: int | None = None
+                 ) -> dict[str, jax.Array]:
+  """The model's part of a host batch, split over the mesh's batch axes.
+
+  `global_size`: `batch` holds this process's rows of a global batch of that size
+  (`sharding.process_rows`); None: `batch` is the whole global batch.
+  """
   keep = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS and k not in drop}
-  return sharding.shard_batch(keep, mesh)
+  return sharding.shard_batch(keep, mesh, global_size)
 
 
 def train_batch(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
-                step: int) -> dict[str, np.ndarray]:
-  """Training batch number `step` (a pure function of seed and step)."""
+                step: int, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+  """This process's rows (`sharding.process_rows`; all of them without `mesh`) of training
+  batch number `step`, whose sequences are a pure function of seed and step."""
   split = artifacts.prepared.train
   idx_B = dataset.batch_indices(split.num_sequences, config.data.batch_size, config.seed, step)
+  if mesh is not None:
+    idx_B = idx_B[sharding.process_rows(mesh, len(idx_B))]
   return artifacts.batch("train", idx_B)
 
 
@@ -95,9 +103,11 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
   nll_sum, tokens = 0.0, 0.0
   weighted: dict[str, float] = {}
   pending = []
-  for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False):
-    batch = eval_batch(artifacts, split, idx_B, score_from)
-    pending.append(eval_fn(params, device_batch(batch, mesh, drop)))
+  rows_b = sharding.process_rows(mesh, batch_size)  # this process's rows of every batch
+  for idx_B in tqdm(batches, desc=desc, unit="batch", leave=False,
+                    disable=jax.process_index() != 0):
+    batch = eval_batch(artifacts, split, idx_B[rows_b], score_from)
+    pending.append(eval_fn(params, device_batch(batch, mesh, drop, batch_size)))
   for aux in jax.device_get(pending):
     nll_sum += float(aux["nll_sum"])
     tokens += float(aux["tokens"])
@@ -108,7 +118,7 @@ def evaluate_split(eval_fn: Callable, params: Any, artifacts: build.Artifacts, s
           "batches": len(batches), **{k: v / max(tokens, 1.0) for k, v in sorted(weighted.items())}}
 
 
-def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: Path,
+def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: epath.Path,
                   last_saved: int | None) -> None:
   """UserError naming the step if the loss, gradient or (updated) parameter norm is not finite.
 
@@ -174,7 +184,7 @@ class _StopSignals:
     return self.reason is not None
 
 
-def _saved_meta(workdir: Path) -> dict[str, Any] | None:
+def _saved_meta(workdir: epath.Path) -> dict[str, Any] | None:
   """The metadata of the latest checkpoint in `workdir`, or None if it has none."""
   if not checkpoint.checkpoint_dir(workdir).is_dir():
     return None
@@ -190,13 +200,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Holds the workdir's lock (`training.lock`) while it runs: a second process training in
   the same workdir stops with a one-line UserError before it changes anything there.
+
+  Multi-process (`training.sharding.initialize_distributed`): each process loads only its
+  rows of every batch; process 0 builds the artifacts while the others wait, then all load
+  them; only process 0 writes files other than checkpoint shards. When another process
+  dies, the rest stop with one `sharding.PeerLost` line.
   """
   sharding.initialize_distributed(config.train)
-  with RunLock(workdir) as lock:
-    return _train_and_evaluate(config, Path(workdir), lock)
+  try:
+    with RunLock(workdir) as lock:
+      return _train_and_evaluate(config, checkpoint.workdir_path(workdir), lock)
+  except UserError as e:
+    # The other processes may wait for this one at a barrier: exiting at once (not through
+    # jax's shutdown barrier) lets them stop with one `sharding.PeerLost` line.
+    e.skip_cleanup = jax.process_count() > 1 or getattr(e, "skip_cleanup", False)
+    raise
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
+def _build_artifacts(config: ml_collections.ConfigDict) -> build.Artifacts:
+  """`build.build_all` on process 0 while the others wait, then loaded by the others; UserError
+  if the processes ended up with different artifacts (caches that are not shared)."""
+  if jax.process_index() == 0:
+    artifacts = build.build_all(config)
+  sharding.sync_processes("artifacts built")
+  if jax.process_index() != 0:
+    artifacts = build.build_all(config)  # cached by now (when data.cache_dir is shared)
+  sharding.check_same_on_processes(json.dumps(artifacts.hashes, sort_keys=True),
+                                   "artifacts (data, tokenizer, retrieval)")
+  return artifacts
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                         lock: RunLock) -> dict[str, Any]:
   timings: dict[str, float] = {}
   t = config.train
@@ -206,18 +240,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   if not new_workdir:
     lock.acquire()
   saved = _saved_meta(workdir)
+  sharding.sync_processes("workdir inspected")  # before process 0 changes it
   if saved is not None:
     _check_same_model(saved, config, workdir)  # before any slow artifact build
 
   mesh = sharding.make_mesh(t)
   sharding.check_batch_sizes(config, mesh)  # before any slow build, not at the final eval
+  refresh.check_processes(config)
   start = time.perf_counter()
-  artifacts = build.build_all(config)
+  artifacts = _build_artifacts(config)
   timings["artifacts"] = time.perf_counter() - start
   print(build.summary(artifacts), flush=True)
 
   start = time.perf_counter()
-  example = {k: v for k, v in train_batch(config, artifacts, 0).items()
+  example = {k: v for k, v in train_batch(config, artifacts, 0, mesh).items()
              if k not in HOST_ONLY_KEYS}
   meta = {"config": config.to_json_best_effort(), "hashes": artifacts.hashes,
           "model": config.model.name}
@@ -226,6 +262,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     saved = _saved_meta(workdir)  # a run that started here meanwhile may have saved
     if saved is not None:
       _check_same_model(saved, config, workdir)
+  sharding.sync_processes("workdir locked")  # every process has read it before it changes
   if saved is not None:
     _check_same_run(saved, meta, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +278,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     state, shardings = create_train_state(config, jax.random.PRNGKey(config.seed), example, mesh)
     if t.init_from:
       state = warm_start(config, state, shardings, artifacts.hashes)
-  atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   loss_fn = models.make_loss_fn(config.model)
   step_fn = make_train_step(config, loss_fn, shardings, mesh)
   eval_fn = make_eval_fn(config.model)
@@ -262,7 +300,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   last_saved = ckpt.latest_step()
   final: dict[str, Any] = {}
   bar = tqdm(total=t.steps, initial=first, desc=f"train {config.name}", unit="step",
-             dynamic_ncols=True)
+             dynamic_ncols=True, disable=jax.process_index() != 0)
   start = time.perf_counter()
   last_tick, last_tick_step = time.perf_counter(), first
 
@@ -286,13 +324,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
   end = min(t.steps, t.stop_after) if t.stop_after > 0 else t.steps
   done = first
   stop = _StopSignals(ckpt)
+  peer_lost = False
   try:
-    with stop:
+    with stop, sharding.stop_if_peer_lost():
       for step in range(first, end):
         if every and step > 0 and step % every == 0 and step != refreshed_at:
           artifacts = refresh.refresh_candidates(config, artifacts, state.params)
           refreshed_at = step
-        batch = device_batch(train_batch(config, artifacts, step), mesh)
+        batch = device_batch(train_batch(config, artifacts, step, mesh), mesh,
+                             global_size=config.data.batch_size)
         state, step_metrics = step_fn(state, batch)
         if every:
           step_metrics = {**step_metrics, "index_age_steps": np.float32(step - refreshed_at)}
@@ -314,9 +354,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
           writer.write(done, ev, prefix="eval")
           tqdm.write(f"step {done}: eval loss {ev['loss']:.4f} perplexity {ev['perplexity']:.2f}")
       record(lagged.flush())
+  except sharding.PeerLost:
+    peer_lost = True  # closing orbax would wait at a barrier for the process that is gone
+    raise
   finally:
     bar.close()
-    ckpt.close()
+    if not peer_lost:
+      ckpt.close()
   train_time = time.perf_counter() - start
   timings["train"] = train_time
   if stop.reason is not None or end < t.steps:
@@ -329,15 +373,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path,
     return {**final, "step": done, "stopped": stop.reason or "stop_after", "timings": timings}
 
   start = time.perf_counter()
-  final.update(_final_eval(config, eval_fn, state.params, artifacts, mesh, writer, t.steps))
+  with sharding.stop_if_peer_lost():
+    final.update(_final_eval(config, eval_fn, state.params, artifacts, mesh, writer, t.steps))
   timings["eval"] = time.perf_counter() - start
   writer.close()
-  if (workdir / metrics_lib.JSONL).exists() and final.get("train/loss") is not None:
+  writes = jax.process_index() == 0
+  if writes and (workdir / metrics_lib.JSONL).exists() and final.get("train/loss") is not None:
     metrics_lib.write_loss_plot(workdir / metrics_lib.JSONL, workdir / "loss.png")
   steps_run = t.steps - first
   final.update(step=t.steps, timings=timings,
                train_tokens_per_second=steps_run * tokens_per_step / max(train_time, 1e-9))
-  atomic_write_text(workdir / "final_metrics.json", json.dumps(final, indent=2))
+  if writes:
+    atomic_write_text(workdir / "final_metrics.json", json.dumps(final, indent=2))
   return final
 
 
@@ -369,7 +416,7 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                      workdir: Path) -> None:
+                      workdir: epath.Path) -> None:
   """A workdir resumes only the model it was started with: same type, same shapes."""
   fix = (f"use another --workdir, or resume with the config it was trained with "
          f"(see {workdir}/config.json)")
@@ -387,7 +434,8 @@ def _check_same_model(saved: Mapping[str, Any], config: ml_collections.ConfigDic
                     f"has model.{k}={new.get(k)!r}{more}; {fix}")
 
 
-def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any], workdir: Path) -> None:
+def _check_same_run(saved: Mapping[str, Any], meta: Mapping[str, Any],
+                    workdir: epath.Path) -> None:
   """A workdir resumes only on the artifacts (data, tokenizer, retrieval) it was started with."""
   stale = [k for k, v in meta["hashes"].items() if saved.get("hashes", {}).get(k, v) != v]
   if stale:

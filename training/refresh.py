@@ -11,12 +11,27 @@ import ml_collections
 import numpy as np
 
 import models
+from common.errors import UserError
 from retrieval import build, candidates, datastore
+
+
+def check_processes(config: ml_collections.ConfigDict) -> None:
+  """UserError if this config refreshes the index in a multi-process job (one process
+  re-embeds the whole datastore; the refresh is not split over processes)."""
+  if refresh_every(config) and jax.process_count() > 1:
+    raise UserError(f"REALM's index refresh (retrieval.refresh_every={config.retrieval.refresh_every}"
+                    f" with a trainable document encoder) runs in one process, not "
+                    f"{jax.process_count()}; train on one host or set "
+                    f"--config.retrieval.refresh_every=0")
 
 
 def refresh_candidates(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
                         params: Any) -> build.Artifacts:
-  """REALM: re-embed the datastore and the queries with the current encoders; new candidates."""
+  """REALM: re-embed the datastore and the queries with the current encoders; new candidates.
+
+  One process only (`check_processes`).
+  """
+  check_processes(config)
   model = models.get_model(config.model)
   cls = type(model)
   docs = jax.jit(lambda p, t, e: model.apply({"params": p}, t, e, method=cls.embed_documents))
