@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from etils import epath
 
 from common.errors import UserError
 
@@ -288,7 +289,17 @@ def check_manifest(directory: str | os.PathLike, expected: Mapping[str, str],
   return check_files(directory, manifest, rebuild)
 
 
+def is_uri(path: str | os.PathLike) -> bool:
+  """True for an object-store path (gs://, s3://, ...): no rename, no append, no memmap."""
+  return "://" in os.fspath(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` so that a reader never sees half of it: a local file through a
+  temporary name and a rename; an object (gs://...) is written whole by the store."""
+  if is_uri(path):
+    epath.Path(path).write_text(text)
+    return
   path = Path(path)
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
   tmp.write_text(text)

@@ -21,10 +21,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from etils.epath import testing as epath_testing
 
 import configs
 import synthetic
 from data import dataset
+from common.artifacts import atomic_write_text
 from training import checkpoint, metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,42 @@ def test_workdir_uri_is_not_mangled(tmp_path, monkeypatch):
   assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
   monkeypatch.chdir(tmp_path)
   assert str(checkpoint.checkpoint_dir("run")) == str(tmp_path / "run" / "checkpoints")
+
+
+@pytest.fixture
+def gs_bucket(tmp_path):
+  """gs://bucket/... served from `tmp_path` through etils.epath's mock backend."""
+  def local(fn, path, *args, **kwargs):
+    return fn(str(path).replace("gs://bucket", str(tmp_path)), *args, **kwargs)
+  names = ("open", "exists", "mkdir", "makedirs", "isdir", "listdir", "glob", "remove", "stat")
+  with epath_testing.mock_epath(**{name: local for name in names}):
+    yield tmp_path
+
+
+def test_metrics_go_to_a_uri_workdir_whole_and_resume(gs_bucket, monkeypatch):
+  """metrics.jsonl, config-style JSON and loss.png reach a gs:// workdir through epath
+  (object stores cannot append: the file is rewritten whole); a resumed writer drops the
+  records after the checkpoint it resumes from."""
+  monkeypatch.setattr(metrics_lib, "SummaryWriter", lambda logdir: _NullTensorBoard())
+  with metrics_lib.MetricsWriter("gs://bucket/run") as writer:
+    for step in (1, 2, 3):
+      writer.write(step, {"loss": 4.0 - step})
+  assert [r["step"] for r in metrics_lib.read_jsonl(gs_bucket / "run" / "metrics.jsonl")] == \
+      [1, 2, 3]
+  with metrics_lib.MetricsWriter("gs://bucket/run", resume_step=2) as writer:
+    writer.write(3, {"loss": 0.5})
+  records = metrics_lib.read_jsonl("gs://bucket/run/metrics.jsonl")
+  assert [(r["step"], r["train/loss"]) for r in records] == [(1, 3.0), (2, 2.0), (3, 0.5)]
+  atomic_write_text("gs://bucket/run/final_metrics.json", json.dumps({"step": 3}))
+  assert json.loads((gs_bucket / "run" / "final_metrics.json").read_text()) == {"step": 3}
+  metrics_lib.write_loss_plot("gs://bucket/run/metrics.jsonl", "gs://bucket/run/loss.png")
+  assert (gs_bucket / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _NullTensorBoard:
+  def add_scalar(self, *args) -> None: ...
+  def flush(self) -> None: ...
+  def close(self) -> None: ...
 
 
 def _worker(argv: list[str]) -> None:

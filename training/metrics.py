@@ -14,17 +14,18 @@ metrics.jsonl holds one JSON object per line: {"step": 10, "train/loss": 3.1, ..
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
-from common.artifacts import atomic_write_text
+from common.artifacts import atomic_write_text, is_uri
 from common.errors import UserError
 
 JSONL = "metrics.jsonl"
@@ -61,21 +62,31 @@ class MetricsWriter:
 
   Only process 0 writes on a multi-host job. `resume_step` drops records after that step
   (written by a run that died after its last checkpoint), so a resumed curve has no repeats.
+  A `gs://` (any URI) workdir goes through `etils.epath`; object stores cannot append, so
+  there the whole file is rewritten at each write (metrics files are small).
   """
 
   def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None):
-    self.workdir = Path(workdir)
+    self.workdir = epath.Path(workdir)
     self.jsonl_path = self.workdir / JSONL
     self.enabled = jax.process_index() == 0
     self._file = None
     self._tb = None
+    self._lines: list[str] | None = None  # a URI workdir: every line, rewritten per write
     if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
+    kept = None
     if resume_step is not None and self.jsonl_path.exists():
-      kept = [r for r in read_jsonl(self.jsonl_path) if r["step"] <= resume_step]
-      atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
-    self._file = open(self.jsonl_path, "a")
+      kept = [json.dumps(r) + "\n" for r in read_jsonl(self.jsonl_path) if r["step"] <= resume_step]
+    if is_uri(self.workdir):
+      self._lines = kept if kept is not None else (
+          [json.dumps(r) + "\n" for r in read_jsonl(self.jsonl_path)]
+          if self.jsonl_path.exists() else [])
+    else:
+      if kept is not None:
+        atomic_write_text(self.jsonl_path, "".join(kept))
+      self._file = open(self.jsonl_path, "a")
     self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
@@ -83,16 +94,21 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{f"{prefix}/{k}": v for k, v in to_host(metrics).items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    if self._lines is None:
+      self._file.write(json.dumps(record) + "\n")
+      self._file.flush()
+    else:
+      self._lines.append(json.dumps(record) + "\n")
+      atomic_write_text(self.jsonl_path, "".join(self._lines))
     for name, value in record.items():
       if name != "step" and isinstance(value, float):
         self._tb.add_scalar(name, value, int(step))
     self._tb.flush()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
+    if self._tb is not None:
+      if self._file is not None:
+        self._file.close()
       self._tb.close()
       self._file = self._tb = None
 
@@ -106,7 +122,7 @@ class MetricsWriter:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl; a torn last line (killed mid-write) is skipped."""
   records = []
-  for line in Path(path).read_text().splitlines():
+  for line in epath.Path(path).read_text().splitlines():
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
@@ -116,7 +132,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write_loss_plot(metrics_jsonl_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
   """Train loss (line) and eval loss (markers) against step, as a PNG."""
-  path = Path(metrics_jsonl_path)
+  path = epath.Path(metrics_jsonl_path)
   if not path.exists():
     raise UserError(f"no metrics file at {path}; train first (python train.py --config NAME)")
   records = read_jsonl(path)
@@ -135,5 +151,7 @@ def write_loss_plot(metrics_jsonl_path: str | os.PathLike, png_path: str | os.Pa
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(png_path)
+  png = io.BytesIO()
+  fig.savefig(png, format="png")
+  epath.Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(png_path).write_bytes(png.getvalue())
