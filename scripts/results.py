@@ -45,6 +45,7 @@ from data import dataset  # noqa: E402
 from retrieval import datastore  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from training.loop import train_and_evaluate  # noqa: E402
+from training.overlap_eval import json_ready  # noqa: E402
 
 FOLIO = "shakespeare_folio"
 KNN_TEMPERATURES = (1.0, 5.0, 20.0)
@@ -159,7 +160,7 @@ class Runner:
     chunks = result.get("chunks")
     if chunks is not None:  # per-[sequence, chunk] scores, for the overlap joins of report.py
       np.savez_compressed(path.with_suffix(".npz"), **dataclasses.asdict(chunks))
-    result = {k: v for k, v in result.items() if _jsonable(v)}
+    result = json_ready(result)
     result.update(identity, commit=_commit())
     self.seconds[f"eval/{key}"] = round(time.perf_counter() - start, 1)
     atomic_write_text(path, json.dumps(result, indent=1))
@@ -177,14 +178,6 @@ def _commit() -> str:
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
   return head + ("-dirty" if dirty else "")
-
-
-def _jsonable(value: Any) -> bool:
-  try:
-    json.dumps(value)
-    return True
-  except TypeError:
-    return False
 
 
 def baseline(runner: Runner, seed: int, lr: float) -> Run:

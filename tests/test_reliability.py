@@ -532,7 +532,7 @@ def _tamper(directory: Path, key: str) -> None:
 
 
 def _truncate_state(workdir: Path, step: int) -> None:
-  for path in (checkpoint.checkpoint_dir(workdir) / str(step) / "state").rglob("*"):
+  for path in Path(checkpoint.checkpoint_dir(workdir) / str(step) / "state").rglob("*"):
     if path.is_file() and path.parent.name == "d":
       path.write_bytes(path.read_bytes()[:10])
 

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -41,6 +38,7 @@ from data import dataset
 from retrieval import build
 from training import checkpoint, flops as flops_lib, metrics as metrics_lib, refresh, sharding
 from training.lock import RunLock
+from training.stop import StopSignals
 from training.state import abstract_train_state, create_train_state, warm_start
 from training.step import make_train_step
 
@@ -133,55 +131,6 @@ def _check_finite(step: int, host_metrics: Mapping[str, float], workdir: epath.P
   raise UserError(f"training diverged at step {step}: {values}; the bad state was not saved and "
                   f"{kept} in {workdir}; lower --config.train.learning_rate or raise "
                   f"--config.train.warmup_steps, then rerun to resume")
-
-
-class _StopSignals:
-  """SIGTERM/SIGINT during training set a flag; the loop saves at the next step boundary.
-
-  A second signal restores the previous handlers and re-delivers itself (Ctrl-C twice
-  stops at once; checkpoints on disk stay consistent); an ignored signal stays ignored.
-  Handlers are installed only in the main thread of a single-process job: a multi-host
-  job uses JAX's preemption service instead, whose sync point every host consults after
-  every step (`requested`), so all hosts save the same step.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self, ckpt: checkpoint.Checkpoints):
-    self._ckpt = ckpt
-    self._previous: dict[int, Any] = {}
-    self.reason: str | None = None
-
-  def __enter__(self) -> _StopSignals:
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
-                        if signal.getsignal(sig) is not signal.SIG_IGN}  # e.g. nohup'd jobs
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    self._previous = {}
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    name = signal.Signals(signum).name
-    if self.reason is None:
-      self.reason = name
-      os.write(2, f"\n{name}: saving a checkpoint after this step, then stopping "
-                  f"(send {name} again to stop at once)\n".encode())
-      return
-    previous = self._previous.get(signum)
-    self.__exit__()
-    if callable(previous):
-      previous(signum, frame)
-    else:
-      signal.raise_signal(signum)
-
-  def requested(self, step: int) -> bool:
-    """True once a signal arrived (or, multi-host, all hosts reached a preemption point)."""
-    if self.reason is None and self._ckpt.reached_preemption(step):
-      self.reason = "preemption"
-    return self.reason is not None
 
 
 def _saved_meta(workdir: epath.Path) -> dict[str, Any] | None:
@@ -323,7 +272,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
 
   end = min(t.steps, t.stop_after) if t.stop_after > 0 else t.steps
   done = first
-  stop = _StopSignals(ckpt)
+  stop = StopSignals(ckpt)
   peer_lost = False
   try:
     with stop, sharding.stop_if_peer_lost():
