@@ -32,6 +32,7 @@ from data import dataset
 from data import tokenizer as tokenizer_lib
 from retrieval import embedder as embedder_lib
 from retrieval import index as index_lib
+from retrieval import pipeline
 
 _DATASTORE_FORMAT = "packed-v1"
 
@@ -162,8 +163,11 @@ def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokeniz
 
 
 def load_embedder(config: ml_collections.ConfigDict) -> embedder_lib.Embedder:
+  """The configured embedder (sent to pipeline workers as these arguments)."""
   r = config.retrieval
-  return embedder_lib.Embedder.load(r.embedder, r.embed_max_tokens, r.embed_batch_size)
+  args = (r.embedder, r.embed_max_tokens, r.embed_batch_size)
+  return pipeline.by_reference(embedder_lib.Embedder.load(*args), embedder_lib.Embedder.load,
+                               *args)
 
 
 def chunk_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSplit,
@@ -206,5 +210,6 @@ def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarra
   artifacts.check_manifest(final, {"embeddings": embeddings_hash},
                            rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
-  return (index_lib.load_index(final / "index.faiss", r.nprobe, r.ef_search),
+  args = (final / "index.faiss", r.nprobe, r.ef_search)
+  return (pipeline.by_reference(index_lib.load_index(*args), index_lib.load_index, *args),
           artifacts.fingerprint({"index": key, "nprobe": r.nprobe, "ef_search": r.ef_search}))

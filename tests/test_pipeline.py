@@ -1,0 +1,121 @@
+"""The artifact builds as Beam pipelines (retrieval/pipeline.py): the same bytes from 1 and 2
+workers, resumption after a worker is killed, and memory that does not grow with the corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import configs
+from common import artifacts
+from common.errors import UserError
+from retrieval import build, neighbours, pipeline, shards
+from tests import synthetic
+from tests.test_embedder import write_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def retro(tmp_path_factory) -> list[str]:
+  """tiny_retro overrides (Flat index, a tiny random BERT) with a private cache."""
+  root = tmp_path_factory.mktemp("pipeline")
+  bert = write_tiny_bert(root / "bert")
+  return [*synthetic.corpus_overrides(root), f"retrieval.embedder={bert}",
+          "retrieval.embed_max_tokens=64", "retrieval.index=Flat"]
+
+
+def _files(cache: Path) -> dict[str, str]:
+  """relative path -> sha256 of every .npy and .json artifact file under `cache`
+  (manifests, which record timings and library versions, left out; job.json records the
+  shard size)."""
+  return {p.relative_to(cache).as_posix(): artifacts.file_sha256(p)
+          for p in sorted(cache.rglob("*")) if p.suffix in (".npy", ".json")
+          and p.name not in ("manifest.json", "job.json")}
+
+
+def _two_worker_build(overrides: list[str], tmp_path: Path, keep: tuple[str, ...]) -> None:
+  """Builds the 1-worker reference into `tmp_path/one`, then with 2 workers into
+  `tmp_path/two` (seeded with the reference's artifacts of the kinds `keep`), and compares them:
+  every array and listing byte for byte (small shards, so each worker gets several)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(neighbours, "QUERY_CHUNKS_PER_SHARD", 16)
+    ref, cache = tmp_path / "one", tmp_path / "two"
+    build.build_all(configs.load("tiny_retro", [*overrides, f"data.cache_dir={ref}"]))
+    for kind in keep:  # Runner(1) above: the pipeline in this process
+      shutil.copytree(ref / kind, cache / kind)
+    runner = pipeline.Runner(2)
+    built = build.build_all(configs.load("tiny_retro", [*overrides, f"data.cache_dir={cache}"]),
+                            runner=runner)
+  assert "neighbours (train)" in runner.stage_seconds
+  assert built.retrieved.arrays["train"]["neighbours"].shape[0] > 0
+  expected, got = _files(ref), _files(cache)
+  assert got.keys() == expected.keys() and got == expected
+
+
+def test_two_workers_search_the_same_neighbours_as_one(retro, tmp_path):
+  """The neighbour search on 2 worker processes writes the one-worker build's bytes."""
+  _two_worker_build([*retro, "data.test_fraction=0"], tmp_path,
+                    keep=("datasets", "tokenizers", "embeddings", "index"))
+
+
+@pytest.mark.slow
+def test_two_workers_build_everything_the_same_as_one(retro, tmp_path):
+  """Token stores, embeddings, index and neighbours from scratch on 2 workers: the same bytes."""
+  _two_worker_build(retro, tmp_path, keep=())
+
+
+def test_killed_worker_fails_the_stage_and_the_rerun_resumes(tmp_path):
+  """A stage whose worker is SIGKILLed stops with WorkerDied; the shards finished before are
+  kept and the rerun computes only the rest."""
+  rows = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+  np.save(tmp_path / "rows.npy", rows)
+  script = tmp_path / "stage.py"
+  script.write_text(textwrap.dedent(f"""
+    import os, signal, sys
+    import numpy as np
+    from retrieval import pipeline, shards
+    rows = np.load({str(tmp_path / 'rows.npy')!r}, mmap_mode="r")
+    def compute(s0, s1):
+      done = len([p for p in os.listdir({str(tmp_path / 'out' / 'shards')!r})
+                  if p.endswith(".done")])
+      if os.environ.get("KILL_AT") and done >= int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+      return {{"x": np.asarray(rows[s0:s1]) * 2}}
+    try:
+      with pipeline.Runner(2).active():
+        shards.sharded_rows({str(tmp_path / 'out')!r}, 64, 8, compute, desc="double")
+    except pipeline.WorkerDied as e:
+      print("WorkerDied:", e)
+      sys.exit(3)
+  """))
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT": "3"}
+  proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                        text=True, timeout=240)
+  assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "WorkerDied: a worker of stage 'double' died" in proc.stdout
+  kept = len(list((tmp_path / "out" / "shards").glob("*.done")))
+  assert 3 <= kept < 8
+  del env["KILL_AT"]
+  script.write_text(script.read_text().replace("Runner(2)", "Runner(1)"))  # any worker count
+  proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                        text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "out" / "x.npy"), rows * 2)
+
+
+def test_a_job_error_in_a_worker_is_one_line(tmp_path):
+  """A UserError raised by a job in a worker process is re-raised here as that UserError."""
+  def compute(s0, s1):
+    raise UserError(f"rows {s0}..{s1} are bad; fix them")
+
+  with pytest.raises(UserError, match=r"^rows 0\.\.4 are bad; fix them|^rows 4\.\.8 are bad"):
+    with pipeline.Runner(2).active():
+      shards.sharded_rows(tmp_path, 8, 4, compute, desc="bad")
