@@ -22,7 +22,6 @@ padded with index -1, which `batch` turns into all-zero rows (weights 0).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -34,7 +33,6 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from common import artifacts
 from common.errors import UserError
@@ -45,7 +43,6 @@ from retrieval import pipeline, shards
 SPLITS = ("train", "validation", "test")  # "test" exists only with data.test_fraction > 0
 _FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
 DOCS_PER_SHARD = 512  # documents a pipeline item tokenizes
-TFDS_BUFFER_BYTES = 64 << 20  # examples TFDS's writer holds in memory before it spills to disk
 _TFDS_RECORD = "tfds.files.json"  # the finished TFDS files' checksums (a resume verifies them)
 
 
@@ -287,8 +284,7 @@ def _build(splits: dict[str, corpora.Stream], tok: tokenizer_lib.Tokenizer,
     counts = {name: pack(docs, tok, work, name) for name, docs in splits.items()}
     _drop_unverified_tfds(work)
     builder = TokenizedDocuments(packed=work, splits=list(splits), data_dir=str(work / "tfds"))
-    with _tfds_memory(TFDS_BUFFER_BYTES):
-      builder.download_and_prepare()
+    builder.download_and_prepare()  # (TFDS's writer holds a split's examples in memory)
     artifacts.atomic_write_text(work / _TFDS_RECORD,
                                 json.dumps(artifacts.files_record(work / "tfds"), indent=1))
     artifacts.write_manifest(work, "dataset", inputs, hash=dataset_hash, splits=counts,
@@ -334,17 +330,6 @@ def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: s
   if not any((work / ".pack").iterdir()):
     (work / ".pack").rmdir()
   return {"documents": len(docs), "tokens": tokens}
-
-
-@contextlib.contextmanager
-def _tfds_memory(limit: int) -> Iterator[None]:
-  """Makes TFDS's example writer spill to disk beyond `limit` bytes (its default: 1 GB)."""
-  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
-  try:
-    yield
-  finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
 
 
 def _drop_unverified_tfds(work: Path) -> None:

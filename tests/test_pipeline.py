@@ -16,6 +16,7 @@ import pytest
 import configs
 from common import artifacts
 from common.errors import UserError
+from data import corpora, tokenizer
 from retrieval import build, neighbours, pipeline, shards
 from tests import synthetic
 from tests.test_embedder import write_tiny_bert
@@ -119,3 +120,53 @@ def test_a_job_error_in_a_worker_is_one_line(tmp_path):
   with pytest.raises(UserError, match=r"^rows 0\.\.4 are bad; fix them|^rows 4\.\.8 are bad"):
     with pipeline.Runner(2).active():
       shards.sharded_rows(tmp_path, 8, 4, compute, desc="bad")
+
+
+MEASURE_PACK = """
+import sys, threading, time
+from pathlib import Path
+from data import corpora, dataset, tokenizer
+peak = [0]
+def sample():
+  while True:
+    for line in open("/proc/self/status"):
+      if line.startswith("RssAnon:"):
+        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+    time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+time.sleep(0.05)
+base = peak[0]
+corpus, tok, out = sys.argv[1:]
+docs, _ = corpora.scan(corpus)
+split = corpora.split_stream(docs, 0.1, 0)["train"]
+dataset.pack(split, tokenizer.Tokenizer.load(tok), Path(out), "train")
+print("GROWTH", peak[0] - base)
+"""
+
+
+@pytest.mark.slow
+def test_token_store_memory_does_not_grow_with_the_corpus(tmp_path):
+  """Scanning, splitting and packing (tokenizing shards through the pipeline, joined on
+  disk) a corpus 4x larger than a 4 MB cap grows the peak anonymous memory by less than the
+  cap over a corpus of 1 MB (one BPE for both, trained on a sample: HF's BPE trainer is
+  not ours to bound)."""
+  cap = 4 << 20
+  rng = np.random.default_rng(0)
+  words = np.array([f"w{i}" for i in range(3000)])
+  growth = {}
+  for size in (1 << 20, 4 * cap):
+    corpus = tmp_path / f"corpus{size}.jsonl"
+    with open(corpus, "w") as f:
+      written = 0
+      while written < size:
+        text = " ".join(words[rng.integers(0, len(words), 400)])
+        written += f.write(f'{{"text": "{text}"}}\n')
+    if size == 1 << 20:
+      tokenizer.train_bpe(corpora.load_corpus(str(corpus)), 512, tmp_path / "bpe")
+    proc = subprocess.run([sys.executable, "-c", MEASURE_PACK, str(corpus),
+                           str(tmp_path / "bpe"), str(tmp_path / f"out{size}")],
+                          capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth[size] = int(proc.stdout.split("GROWTH")[-1])
+  assert growth[4 * cap] - growth[1 << 20] < cap, growth
