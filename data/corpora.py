@@ -353,38 +353,47 @@ def _file_documents(spec: str) -> Iterator[Document]:
   for p in tqdm(paths, desc="reading corpus", unit="file", leave=False,
                 disable=len(paths) < 100):
     rel = p.relative_to(base).as_posix()
-    text = _decode(p.read_bytes(), p)
     if p.suffix == ".jsonl":
-      yield from _jsonl_documents(text, p, rel.removesuffix(".jsonl"))
+      yield from _jsonl_documents(p, rel.removesuffix(".jsonl"))
     else:
-      yield Document(rel.removesuffix(".txt"), text)
+      yield Document(rel.removesuffix(".txt"), _decode(p.read_bytes(), p))
 
 
-def _jsonl_documents(text: str, path: Path, prefix: str) -> list[Document]:
-  docs = []
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object "
-                      f"per line") from None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-      raise UserError(f"{path}:{lineno} has no string field 'text'; each line needs "
-                      f'{{"text": "...", "id": optional}}')
-    doc_id = row.get("id", lineno)
-    docs.append(Document(f"{prefix}/{doc_id}", row["text"]))
-  return docs
+def _jsonl_documents(path: Path, prefix: str) -> Iterator[Document]:
+  """The documents of a jsonl file, read a line at a time."""
+  with open(path, "rb") as f:
+    offset = 0
+    for lineno, raw in enumerate(f, 1):
+      line = _decode(raw, path, offset)
+      offset += len(raw)
+      document = _jsonl_document(line, path, lineno, prefix)
+      if document is not None:
+        yield document
 
 
-def _decode(data: bytes, path: Path) -> str:
-  """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset."""
+def _jsonl_document(line: str, path: Path, lineno: int, prefix: str) -> Document | None:
+  """Line `lineno` of a jsonl file as a Document (None if blank)."""
+  if not line.strip():
+    return None
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object "
+                    f"per line") from None
+  if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    raise UserError(f"{path}:{lineno} has no string field 'text'; each line needs "
+                    f'{{"text": "...", "id": optional}}')
+  return Document(f"{prefix}/{row.get('id', lineno)}", row["text"])
+
+
+def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+  """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset (`data` starts
+  at byte `offset` of the file)."""
   try:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                    f"{offset + e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _tfds_documents(spec: str, max_documents: int) -> Iterator[Document]:

@@ -126,6 +126,7 @@ MEASURE_PACK = """
 import sys, threading, time
 from pathlib import Path
 from data import corpora, dataset, tokenizer
+dataset.DOCS_PER_SHARD = 64  # about 150 kB of text a shard
 peak = [0]
 def sample():
   while True:
@@ -166,7 +167,8 @@ def test_token_store_memory_does_not_grow_with_the_corpus(tmp_path):
     proc = subprocess.run([sys.executable, "-c", MEASURE_PACK, str(corpus),
                            str(tmp_path / "bpe"), str(tmp_path / f"out{size}")],
                           capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                    "MALLOC_ARENA_MAX": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth[size] = int(proc.stdout.split("GROWTH")[-1])
   assert growth[4 * cap] - growth[1 << 20] < cap, growth
