@@ -150,7 +150,8 @@ def test_token_store_memory_does_not_grow_with_the_corpus(tmp_path):
   """Scanning, splitting and packing (tokenizing shards through the pipeline, joined on
   disk) a corpus 4x larger than a 4 MB cap grows the peak anonymous memory by less than the
   cap over a corpus of 1 MB (one BPE for both, trained on a sample: HF's BPE trainer is
-  not ours to bound)."""
+  not ours to bound; glibc limited to 2 arenas, whose fragmentation across the tokenizer's
+  threads otherwise grows with the number of shards, up to a bound)."""
   cap = 4 << 20
   rng = np.random.default_rng(0)
   words = np.array([f"w{i}" for i in range(3000)])
