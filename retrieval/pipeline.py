@@ -19,8 +19,8 @@ offset, shape, strides), an object registered with `by_reference` as its loader 
 arguments (the embedder and the FAISS index: each worker loads them once). Worker processes
 share the cores: each gets `cores // workers` threads for XLA and FAISS.
 
-A worker that dies (killed, out of memory) fails the pipeline with `WorkerDied`; the shards
-written before are kept and a rerun computes the rest. An exception in a job is re-raised
+A worker that dies (killed, out of memory) fails the pipeline with `WorkerDied` (a
+UserError: one line); the shards written before are kept and a rerun computes the rest. An exception in a job is re-raised
 here: in this process as it was raised, from a worker as a one-line `UserError` when it was
 one, else as a `RuntimeError` naming the stage and the item.
 """
@@ -57,8 +57,9 @@ _loaded: dict[tuple, Any] = {}  # a worker's by_reference objects, loaded once
 _active: list[Runner] = []
 
 
-class WorkerDied(RuntimeError):
-  """A worker process of a local pipeline died before its stage finished."""
+class WorkerDied(UserError):
+  """A worker process of a local pipeline died before its stage finished (one line: the
+  command line prints it and exits 2; rerunning resumes)."""
 
 
 class Runner:
@@ -113,6 +114,7 @@ class Runner:
                   "--direct_running_mode=multi_processing",
                   "--default_sdk_harness_log_level=WARNING"]
     threads = max(1, (os.cpu_count() or 1) // self.workers) if self.local else 0
+
     def run() -> None:
       with beam.Pipeline(runner=FnApiRunner() if self.in_process else None,
                          options=PipelineOptions(options)) as p:
