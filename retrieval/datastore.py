@@ -32,6 +32,7 @@ from data import tokenizer as tokenizer_lib
 from retrieval import embedder as embedder_lib
 from retrieval import hash_embedder
 from retrieval import index as index_lib
+from retrieval import ondisk
 from retrieval import pipeline
 
 _DATASTORE_FORMAT = "packed-v1"
@@ -187,15 +188,22 @@ def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarra
   final = artifacts.cache_root(config.data.cache_dir) / "index" / key
   if artifacts.read_manifest(final) is None:
     with artifacts.building(final) as work:
-      index = index_lib.build_index(embeddings_NxE, r.metric, r.index,
-                                    memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
-                                    ef_search=r.ef_search)
-      index_lib.save_index(index, work / "index.faiss")
+      if r.index.startswith(ondisk.PREFIX):  # inverted lists on disk, filled by the pipeline
+        ondisk.build_ondisk(embeddings_NxE, r.index, r.metric, work)
+        ntotal = ondisk.load_ondisk(work).ntotal
+      else:
+        index = index_lib.build_index(embeddings_NxE, r.metric, r.index,
+                                      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
+                                      ef_search=r.ef_search)
+        index_lib.save_index(index, work / "index.faiss")
+        ntotal = index.ntotal
       artifacts.write_manifest(work, "index", {"embeddings": embeddings_hash}, hash=key,
-                               spec=spec, ntotal=int(index.ntotal))
+                               spec=spec, ntotal=int(ntotal))
   artifacts.check_manifest(final, {"embeddings": embeddings_hash},
                            rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
-  args = (final / "index.faiss", r.nprobe, r.ef_search)
-  return (pipeline.by_reference(index_lib.load_index(*args), index_lib.load_index, *args),
+  load, args = ((ondisk.load_ondisk, (final, r.nprobe, r.ef_search))
+                if r.index.startswith(ondisk.PREFIX)
+                else (index_lib.load_index, (final / "index.faiss", r.nprobe, r.ef_search)))
+  return (pipeline.by_reference(load(*args), load, *args),
           artifacts.fingerprint({"index": key, "nprobe": r.nprobe, "ef_search": r.ef_search}))

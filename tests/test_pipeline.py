@@ -17,7 +17,7 @@ import configs
 from common import artifacts
 from common.errors import UserError
 from data import corpora, tokenizer
-from retrieval import build, neighbours, pipeline, shards
+from retrieval import build, index, neighbours, ondisk, pipeline, shards
 from tests import synthetic
 from tests.test_embedder import write_tiny_bert
 
@@ -173,3 +173,23 @@ def test_token_store_memory_does_not_grow_with_the_corpus(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth[size] = int(proc.stdout.split("GROWTH")[-1])
   assert growth[4 * cap] - growth[1 << 20] < cap, growth
+
+
+def test_ondisk_ivf_searches_like_the_in_memory_index(tmp_path, monkeypatch):
+  """An IVF index filled shard by shard with its lists merged on disk returns what the
+  same index filled in memory returns, also after its directory is moved."""
+  rng = np.random.default_rng(0)
+  vectors = rng.normal(size=(3000, 16)).astype(np.float32)
+  np.save(tmp_path / "v.npy", vectors)
+  vectors = np.load(tmp_path / "v.npy", mmap_mode="r")
+  monkeypatch.setattr(ondisk, "VECTORS_PER_SHARD", 700)
+  ondisk.build_ondisk(vectors, "ondisk:IVF16,Flat", "ip", tmp_path / "a", train_size=3000)
+  (tmp_path / "a").rename(tmp_path / "b")
+  on_disk = ondisk.load_ondisk(tmp_path / "b", nprobe=4)
+  in_ram = index.build_index(vectors, "ip", "IVF16,Flat", nprobe=4, train_size=3000)
+  assert on_disk.ntotal == in_ram.ntotal == 3000
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [ondisk.INDEX_FILE,
+                                                                ondisk.LISTS_FILE]
+  got, want = index.search(on_disk, vectors[:200], 5), index.search(in_ram, vectors[:200], 5)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
