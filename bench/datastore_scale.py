@@ -52,7 +52,7 @@ def write_corpus(directory: Path, chunks: int) -> str:
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, len(vocab) + 1)
     words = np.array(vocab)
-    docs = -(-chunks * 64 // WORDS_PER_DOC)
+    docs = -(-chunks * 64 // (WORDS_PER_DOC * 3 // 2))  # about 1.5 BPE tokens a word
     for f in range(0, docs, 10_000):
       with open(directory / f"part{f // 10_000:04d}.jsonl", "w") as out:
         for i in range(f, min(docs, f + 10_000)):
@@ -72,10 +72,12 @@ def lm_tokenizer(root: Path, corpus: str) -> str:
   return str(folder)
 
 
-def one_run(corpus: str, chunks: int, workers: int, cache: Path, tok: str) -> dict:
+def one_run(corpus: str, chunks: int, workers: int, cache: Path, tok: str, search: bool
+            ) -> dict:
   """Builds the datastore and neighbours in this process; returns the measurements."""
   import configs  # pylint: disable=import-outside-toplevel
-  from retrieval import build, index, pipeline  # pylint: disable=import-outside-toplevel
+  from data import dataset  # pylint: disable=import-outside-toplevel
+  from retrieval import build, datastore, index, pipeline  # pylint: disable=import-outside-toplevel
 
   spec = "Flat" if chunks <= index.FLAT_MAX else f"IVF{index.ivf_nlist(chunks)},Flat"
   config = configs.load("retro_small", [
@@ -84,22 +86,32 @@ def one_run(corpus: str, chunks: int, workers: int, cache: Path, tok: str) -> di
       "data.test_fraction=0", f"retrieval.embedder={EMBEDDER}", f"retrieval.index={spec}"])
   runner = pipeline.Runner(workers)
   start = time.perf_counter()
-  built = build.build_all(config, runner=runner)
+  if search:
+    built = build.build_all(config, runner=runner)
+    prepared, n = built.prepared, built.datastore.split.num_chunks
+    index_s = built.retrieved.manifest.get("timings", {}).get("index_s", 0.0)
+  else:  # the datastore only: token store, chunk embeddings, index
+    with runner.active():
+      prepared = dataset.prepare(config)
+      split = datastore.load_datastore(config, prepared).split
+      embeddings, emb_hash = datastore.chunk_embeddings(
+          config, split, prepared.tokenizer, datastore.load_embedder(config))
+      t0 = time.perf_counter()
+      datastore.datastore_index(config, embeddings, emb_hash)
+      index_s, n = time.perf_counter() - t0, split.num_chunks
   total = time.perf_counter() - start
-  n = built.datastore.split.num_chunks
   stages = {stage: {"seconds": round(s, 2)} for stage, s in runner.stage_seconds.items()}
-  for stage, row in stages.items():  # chunks (or documents) the stage went through
-    count = {"tokenizing train": n, "embed chunks": n + built.prepared.validation.num_chunks,
-             "neighbours (train)": built.prepared.train.num_sequences * (
+  for stage, row in stages.items():  # chunks the stage went through
+    count = {"tokenizing train": n,
+             "embed chunks": n + (prepared.validation.num_chunks if search else 0),
+             "neighbours (train)": prepared.train.num_sequences * (
                  config.data.seq_len // config.model.chunk_size)}.get(stage)
     if count:
       row["chunks_per_s"] = round(count / row["seconds"], 1)
-  timings = built.retrieved.manifest.get("timings", {})
-  index_s = timings.get("index_s", 0.0)
   stages["index (one process)"] = {"seconds": round(index_s, 2),
                                    "chunks_per_s": round(n / index_s, 1) if index_s else None}
-  return {"chunks": int(n), "workers": workers, "index": spec, "total_s": round(total, 2),
-          "total_chunks_per_s": round(n / total, 1), "stages": stages,
+  return {"chunks": int(n), "workers": workers, "index": spec, "search": search,
+          "total_s": round(total, 2), "total_chunks_per_s": round(n / total, 1), "stages": stages,
           "peak_rss_mb_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
           "peak_rss_mb_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024}
 
@@ -124,19 +136,22 @@ def main() -> None:
   p.add_argument("--root", default=os.environ.get("BENCH_ROOT", "/tmp/datastore_scale"),
                  help="where corpora and caches go (deleted per run, corpora kept)")
   p.add_argument("--minilm-sample", type=int, default=1024)
+  p.add_argument("--no-search", action="store_true",
+                 help="build the datastore only (token store, embeddings, index)")
   p.add_argument("--out", default="")
-  p.add_argument("--one", nargs=4, metavar=("CORPUS", "CHUNKS", "WORKERS", "TOKENIZER"),
+  p.add_argument("--one", nargs=5, metavar=("CORPUS", "CHUNKS", "WORKERS", "TOKENIZER", "SEARCH"),
                  help=argparse.SUPPRESS)  # a single run, in the process the driver starts
   args = p.parse_args()
   root = Path(args.root)
   if args.one:
-    corpus, chunks, workers, tok = args.one
+    corpus, chunks, workers, tok, search = args.one
     cache = root / f"cache-{chunks}-{workers}"
-    print(json.dumps(one_run(corpus, int(chunks), int(workers), cache, tok)))
+    print(json.dumps(one_run(corpus, int(chunks), int(workers), cache, tok, search == "1")))
     return
   result = {"embedder": f"{EMBEDDER} (the hashing embedder stands in for MiniLM: about 1/100 "
                         f"of its cost a chunk)", "cpu_count": os.cpu_count(), "runs": []}
-  result["minilm_chunks_per_s"] = minilm_rate(args.minilm_sample)
+  if args.minilm_sample:
+    result["minilm_chunks_per_s"] = minilm_rate(args.minilm_sample)
   for chunks in (int(c) for c in args.chunks.split(",")):
     corpus = write_corpus(root / f"corpus-{chunks}", chunks)
     tok = lm_tokenizer(root, corpus)
@@ -145,7 +160,8 @@ def main() -> None:
       cache = root / f"cache-{chunks}-{workers}"
       subprocess.run(["rm", "-rf", str(cache)], check=True)
       proc = subprocess.run([sys.executable, __file__, "--root", str(root), "--one", corpus,
-                             str(chunks), str(workers), tok], capture_output=True, text=True)
+                             str(chunks), str(workers), tok,
+                             "0" if args.no_search else "1"], capture_output=True, text=True)
       if proc.returncode:
         sys.exit(f"run {chunks} chunks x {workers} workers failed:\n{proc.stderr[-3000:]}")
       runs[workers] = json.loads(proc.stdout.strip().splitlines()[-1])
