@@ -15,8 +15,9 @@ queries of the split it was made from) and each split's queries, builds the inde
 searches and materialises per split into `cache_root/<artifact kind>/<fingerprint>/`
 (resumable: shards.py). Every sharded stage (tokenising, embedding, searching) runs as an
 Apache Beam pipeline (pipeline.py): locally with N worker processes, or on the Beam runner
-that the options after `--` name; one worker is the same pipeline in this process. A kNN-LM datastore holds a trained LM's keys, so eval.py/train.py
-build it from a checkpoint (knn_datastore.py); this only prepares the data for it.
+that the options after `--` name; one worker is the same pipeline in this process. A
+kNN-LM datastore holds a trained LM's keys, so eval.py/train.py build it from a checkpoint
+(knn_datastore.py); this only prepares the data for it.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ arguments (the embedder and the FAISS index: each worker loads them once). Worke
 share the cores: each gets `cores // workers` threads for XLA and FAISS.
 
 A worker that dies (killed, out of memory) fails the pipeline with `WorkerDied` (a
-UserError: one line); the shards written before are kept and a rerun computes the rest. An exception in a job is re-raised
-here: in this process as it was raised, from a worker as a one-line `UserError` when it was
-one, else as a `RuntimeError` naming the stage and the item.
+UserError: one line); the shards written before are kept and a rerun computes the rest.
+An exception in a job is re-raised here: in this process as it was raised, from a worker
+as a one-line `UserError` when it was one, else as a `RuntimeError` naming the stage and
+the item.
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ through `sharded_rows`.
     arrays = sharded_rows(work / "train", num_rows, rows_per_shard, compute, desc="...")
 
 `compute(start, stop)` returns name -> array of rows [start, stop) (any row count per shard
-on axis 0). The missing shards are computed by the active `pipeline.Runner` (an Apache
-Beam pipeline, one item per shard: in this process by default, or in N worker processes
-or on a cluster runner, `compute` then pickled with its big inputs by reference). Shards are saved atomically under `<directory>/shards/` with a done-marker
-written last, so a rerun after an interruption (even SIGKILL) recomputes only the
-unfinished shards. When all are done they are joined into `<directory>/<name>.npy`,
-`arrays.json` lists them, and the shards are removed; a directory that has `arrays.json`
-for the same job is returned without work.
+on axis 0). The missing shards are computed by the active `pipeline.Runner`: an Apache
+Beam pipeline, one item a shard, in this process by default, or in N worker processes or
+on a cluster runner (`compute` then pickled, its big inputs by reference); the tokenized
+token stores (data/dataset.py) and on-disk index shards (ondisk.py) too. Shards are saved
+atomically under `<directory>/shards/` with a done-marker written last, so a rerun after
+an interruption (even SIGKILL) recomputes only the unfinished shards. When all are done
+they are joined into `<directory>/<name>.npy`, `arrays.json` lists them, and the shards
+are removed; a directory that has `arrays.json` for the same job is returned without work.
 
 A shard's done-marker records each of its files (bytes, dtype, shape, sha256), and so does
 `arrays.json` for the joined arrays. What a rerun finds from an earlier process is verified
