@@ -29,7 +29,6 @@ the item.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import mmap
 import os
@@ -41,19 +40,15 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.internal.cloudpickle import cloudpickle
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from common.errors import UserError
 
 LOCAL_RUNNERS = (None, "DirectRunner")  # the runners that start workers on this machine
-_ERROR = "retrozoo-stage-error"  # marks a job's exception in a worker's traceback text
-_in_process_jobs: dict[int, tuple[Callable[[Any], None], list[BaseException]]] = {}
+ERROR = "retrozoo-stage-error"  # marks a job's exception in a worker's traceback text
+in_process_jobs: dict[int, tuple[Callable[[Any], None], list[BaseException]]] = {}
 _job_ids = itertools.count()
-_references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # obj -> (loader, args)
+references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # obj -> (loader, args)
 _loaded: dict[tuple, Any] = {}  # a worker's by_reference objects, loaded once
 _active: list[Runner] = []
 
@@ -72,10 +67,10 @@ class Runner:
       raise UserError(f"--workers={workers} must be >= 0 (0: one per core)")
     self.workers = workers or os.cpu_count() or 1
     self.options = tuple(options)
-    try:
-      self.runner_name = PipelineOptions(list(self.options)).view_as(StandardOptions).runner
-    except BaseException as e:  # argparse exits on a malformed option
-      raise UserError(f"bad Beam pipeline options {' '.join(self.options)!r} ({e})") from None
+    self.runner_name = None
+    if self.options:
+      from retrieval import beam_stage  # pylint: disable=import-outside-toplevel
+      self.runner_name = beam_stage.runner_name(self.options)
     self.local = self.runner_name in LOCAL_RUNNERS
     self.stage_seconds: dict[str, float] = {}  # wall time of each stage's pipelines
 
@@ -103,12 +98,13 @@ class Runner:
     if not items:
       return
     start = time.perf_counter()
+    from retrieval import beam_stage  # pylint: disable=import-outside-toplevel  (Beam: slow)
     if self.in_process:
       key, errors = next(_job_ids), []
-      _in_process_jobs[key] = (job, errors)
+      in_process_jobs[key] = (job, errors)
       payload: int | bytes = key
     else:
-      payload = _dumps(job)
+      payload = beam_stage.dumps(job)
     options = list(self.options)
     if self.local and not self.in_process:
       options += [f"--direct_num_workers={self.workers}",
@@ -117,12 +113,7 @@ class Runner:
     threads = max(1, (os.cpu_count() or 1) // self.workers) if self.local else 0
 
     def run() -> None:
-      with beam.Pipeline(runner=FnApiRunner() if self.in_process else None,
-                         options=PipelineOptions(options)) as p:
-        pcoll = p | f"{stage}: shards" >> beam.Create(items)
-        if not self.in_process:  # spread the items over the workers
-          pcoll = pcoll | f"{stage}: spread" >> beam.Reshuffle()
-        _ = pcoll | stage >> beam.ParDo(_Apply(payload, stage, threads))
+      beam_stage.run(stage, items, payload, threads, options, self.in_process)
 
     try:
       if self.in_process or not self.local:
@@ -135,7 +126,7 @@ class Runner:
       raise _worker_error(stage, e) from None
     finally:
       if self.in_process:
-        del _in_process_jobs[key]
+        del in_process_jobs[key]
       self.stage_seconds[stage] = (self.stage_seconds.get(stage, 0.0)
                                    + time.perf_counter() - start)
 
@@ -147,7 +138,7 @@ def current() -> Runner:
 
 def by_reference(obj: Any, loader: Callable[..., Any], *args: Any) -> Any:
   """Marks `obj` to be sent to workers as `loader(*args)` (loaded once per worker)."""
-  _references[obj] = (loader, args)
+  references[obj] = (loader, args)
   return obj
 
 
@@ -201,7 +192,7 @@ def _worker_processes() -> dict[int, int]:
 def _worker_error(stage: str, e: Exception) -> Exception:
   """The exception to raise here for a pipeline that failed in a worker: the job's."""
   text = str(e)
-  found = re.search(rf"{_ERROR} (\w+): (.*)", text)
+  found = re.search(rf"{ERROR} (\w+): (.*)", text)
   if found:
     kind, message = found.groups()
     return UserError(message) if kind == "UserError" else RuntimeError(
@@ -209,47 +200,14 @@ def _worker_error(stage: str, e: Exception) -> Exception:
   return e
 
 
-class _Apply(beam.DoFn):
-  """Runs the stage's job on each item (the worker side of `Runner.map`)."""
-
-  def __init__(self, payload: int | bytes, stage: str, threads: int):
-    self._payload, self._stage, self._threads = payload, stage, threads
-
-  def setup(self) -> None:
-    if isinstance(self._payload, int):
-      self._job, self._errors = _in_process_jobs[self._payload]
-      return
-    if self._threads:  # a fresh worker process: before the job's unpickling imports jax
-      os.environ["OMP_NUM_THREADS"] = str(self._threads)
-      if self._threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_cpu_multi_thread_eigen=false")
-    self._job, self._errors = cloudpickle.loads(self._payload), None
-    if self._threads:
-      import faiss  # pylint: disable=import-outside-toplevel
-      faiss.omp_set_num_threads(self._threads)
-
-  def process(self, item: Any) -> Iterator[Any]:
-    try:
-      self._job(item)
-    except Exception as e:
-      if self._errors is not None:
-        self._errors.append(e)
-        raise
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise RuntimeError(f"{_ERROR} {type(e).__name__}: {first} (stage {self._stage!r}, "
-                         f"item {item!r})") from e
-    yield item
-
-
-def _referenced(obj: Any) -> bool:
+def referenced(obj: Any) -> bool:
   try:
-    return obj in _references
+    return obj in references
   except TypeError:  # unhashable or not weakly referenceable: never registered
     return False
 
 
-def _load(loader: Callable[..., Any], args: tuple) -> Any:
+def load(loader: Callable[..., Any], args: tuple) -> Any:
   key = (loader.__module__, loader.__qualname__, args)
   if key not in _loaded:
     _loaded[key] = by_reference(loader(*args), loader, *args)
@@ -258,13 +216,13 @@ def _load(loader: Callable[..., Any], args: tuple) -> Any:
 
 def _open_view(path: str, offset: int, shape: tuple[int, ...], dtype: str,
                strides: tuple[int, ...]) -> np.ndarray:
-  """A read-only view of `path` from byte `offset` (the inverse of `_memmap_reduce`)."""
+  """A read-only view of `path` from byte `offset` (the inverse of `memmap_reduce`)."""
   extent = sum((n - 1) * s for n, s in zip(shape, strides)) + np.dtype(dtype).itemsize
   buffer = np.memmap(path, np.uint8, "r", offset=offset, shape=(extent,))
   return np.ndarray(shape, dtype, buffer=buffer, strides=strides)
 
 
-def _memmap_reduce(array: np.ndarray) -> tuple | None:
+def memmap_reduce(array: np.ndarray) -> tuple | None:
   """(_open_view, its args) for an array that views a file-backed np.memmap, else None."""
   base = array
   while base is not None and not (isinstance(base, np.memmap) and base._mmap is not None):
@@ -277,22 +235,3 @@ def _memmap_reduce(array: np.ndarray) -> tuple | None:
   offset = file_start + array.__array_interface__["data"][0] - mapped
   return _open_view, (str(base.filename), offset, array.shape, array.dtype.str,
                       array.strides)
-
-
-class _Pickler(cloudpickle.Pickler):
-  """cloudpickle that sends memory-mapped arrays and by_reference objects by reference."""
-
-  def reducer_override(self, obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-      reduced = _memmap_reduce(obj)
-      if reduced is not None:
-        return reduced
-    elif not isinstance(obj, type) and _referenced(obj):
-      return _load, _references[obj]
-    return super().reducer_override(obj)
-
-
-def _dumps(obj: Any) -> bytes:
-  with io.BytesIO() as f:
-    _Pickler(f, protocol=5).dump(obj)
-    return f.getvalue()
