@@ -60,13 +60,13 @@ class _Apply(beam.DoFn):
   def process(self, item: Any) -> Iterator[Any]:
     try:
       self._job(item)
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: re-raised as it was, in process
       if self._errors is not None:
         self._errors.append(e)
         raise
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise RuntimeError(f"{pipeline.ERROR} {type(e).__name__}: {first} (stage {self._stage!r}, "
-                         f"item {item!r})") from e
+      raise RuntimeError(f"{pipeline.ERROR} {type(e).__name__}: {first} (stage "
+                         f"{self._stage!r}, item {item!r})") from e
     yield item
 
 

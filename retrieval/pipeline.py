@@ -120,9 +120,9 @@ class Runner:
         run()
       else:
         _run_watched(run, stage)
-    except Exception as e:
+    except BaseException as e:
       if self.in_process and errors:
-        raise errors[0] from None  # as the job raised it
+        raise errors[0] from None  # as the job raised it (KeyboardInterrupt included)
       raise _worker_error(stage, e) from None
     finally:
       if self.in_process:
@@ -189,7 +189,7 @@ def _worker_processes() -> dict[int, int]:
   return found
 
 
-def _worker_error(stage: str, e: Exception) -> Exception:
+def _worker_error(stage: str, e: BaseException) -> BaseException:
   """The exception to raise here for a pipeline that failed in a worker: the job's."""
   text = str(e)
   found = re.search(rf"{ERROR} (\w+): (.*)", text)
