@@ -30,7 +30,7 @@ folder (without `.txt`), so moving the corpus does not change its split.
 TFDS: `tfds:<name>[/<config>][:<version>][:<split>]` (split defaults to `train`) reads the
 dataset through `tfds.data_source` (array_record, no TensorFlow), preparing it into the
 TFDS data dir (`$TFDS_DATA_DIR` or ~/tensorflow_datasets) when needed; the text is the
-first of the feature names in `tfds_corpus.TEXT_FEATURES` that the dataset has (data/tfds_corpus.py).
+first of the feature names in `TEXT_FEATURES` that the dataset has (data/tfds_corpus.py).
 """
 
 from __future__ import annotations
