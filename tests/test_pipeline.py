@@ -4,6 +4,7 @@ workers, resumption after a worker is killed, and memory that does not grow with
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -108,11 +109,8 @@ def test_killed_worker_fails_the_stage_and_the_rerun_resumes(tmp_path):
   assert "WorkerDied: a worker of stage 'double' died" in proc.stdout
   kept = len(list((tmp_path / "out" / "shards").glob("*.done")))
   assert 3 <= kept < 8
-  del env["KILL_AT"]
   script.write_text(script.read_text().replace("Runner(2)", "Runner(1)"))  # any worker count
-  proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                        text=True, timeout=240)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  runpy.run_path(str(script))  # here, where nothing kills it
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "x.npy"), rows * 2)
 
 
