@@ -3,6 +3,8 @@
     docs = load_corpus("shakespeare")                     # named corpus (fetched once)
     docs = load_corpus("notes/*.txt,more/*.jsonl")        # local files, comma-separated globs
     docs = load_corpus("tfds:pg19:validation")            # TFDS catalog name[:split]
+    for doc in iter_corpus("tfds:pg19"): ...               # streamed, one file at a time
+    stream, digest = scan("notes/*.txt")                  # ids + hash; re-iterable from disk
     parts = split_documents(docs, 0.1, seed=0, test_fraction=0.1)  # train/validation/test
 
 Named corpora:
@@ -28,7 +30,7 @@ folder (without `.txt`), so moving the corpus does not change its split.
 TFDS: `tfds:<name>[/<config>][:<version>][:<split>]` (split defaults to `train`) reads the
 dataset through `tfds.data_source` (array_record, no TensorFlow), preparing it into the
 TFDS data dir (`$TFDS_DATA_DIR` or ~/tensorflow_datasets) when needed; the text is the
-first of the feature names in `TEXT_FEATURES` that the dataset has.
+first of the feature names in `TEXT_FEATURES` that the dataset has (data/tfds_corpus.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import dataclasses
 import glob
 import gzip
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -46,7 +47,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -69,17 +70,11 @@ _FOLIO_TO_MODERN = {
 }
 LINUX_DOC_GLOB = "/usr/share/doc/linux-doc*"
 NAMED = ("shakespeare", "shakespeare_folio", "linux-doc")
-TEXT_FEATURES = ("text", "content", "article", "book_text", "document", "body", "passage",
-                 "context", "story")
-_TFDS_LEGACY_MODULES = ("text", "summarization", "question_answering")
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$",
                               re.MULTILINE | re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|"
                             r"End of (the )?Project Gutenberg).*$",
                             re.MULTILINE | re.IGNORECASE)
-_TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+?)(?::(?P<version>\d+\.\d+\.\d+))?"
-                        r"(?::(?P<split>.+))?$")
-
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -97,6 +92,11 @@ def load_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> list[
     cache_dir: artifact cache ("" -> $RETROZOO_CACHE or ~/.cache/retrozoo).
     max_documents: >0 keeps only the first N documents.
   """
+  return list(iter_corpus(spec, cache_dir, max_documents))
+
+
+def iter_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> Iterator[Document]:
+  """`load_corpus` streamed: one file (or TFDS record) read at a time, never the corpus."""
   spec = spec.strip()
   if max_documents < 0:
     raise UserError(f"data.max_documents={max_documents} is negative; use 0 for all "
@@ -108,22 +108,52 @@ def load_corpus(spec: str, cache_dir: str = "", max_documents: int = 0) -> list[
   elif spec == "linux-doc":
     docs = _linux_doc()
   elif spec.startswith("tfds:"):
-    docs = _tfds_documents(spec, max_documents)
+    from data import tfds_corpus  # pylint: disable=import-outside-toplevel  (TFDS: slow)
+    docs = tfds_corpus.documents(spec, max_documents)
   else:
     docs = _file_documents(spec)
-  docs = [d for d in docs if d.text.strip()]
-  if max_documents:
-    docs = docs[:max_documents]
-  if not docs:
-    raise UserError(f"corpus {spec!r} has no non-empty documents; point data.corpus at "
-                    f"files with text")
-  seen = set()
+  seen: set[str] = set()
   for d in docs:
+    if not d.text.strip():
+      continue
     if d.doc_id in seen:
       raise UserError(f"corpus {spec!r} has two documents with id {d.doc_id!r}; make the "
                       f"ids unique (the jsonl `id` field) or drop them")
     seen.add(d.doc_id)
-  return docs
+    yield d
+    if len(seen) == max_documents:
+      break
+  if not seen:
+    raise UserError(f"corpus {spec!r} has no non-empty documents; point data.corpus at "
+                    f"files with text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """Documents `doc_ids` of a corpus, read anew from disk each time it is iterated (its
+  length and ids are known; the texts are never all in memory)."""
+
+  spec: str
+  cache_dir: str
+  max_documents: int
+  doc_ids: tuple[str, ...]  # in corpus order
+
+  def __len__(self) -> int:
+    return len(self.doc_ids)
+
+  def __iter__(self) -> Iterator[Document]:
+    keep = set(self.doc_ids)
+    return (doc for doc in iter_corpus(self.spec, self.cache_dir, self.max_documents)
+            if doc.doc_id in keep)
+
+
+def scan(spec: str, cache_dir: str = "", max_documents: int = 0) -> tuple[Stream, str]:
+  """(the corpus as a Stream, its `corpus_hash`), from one streaming pass."""
+  h, ids = hashlib.sha256(), []
+  for doc in iter_corpus(spec, cache_dir, max_documents):
+    _hash_document(h, doc)
+    ids.append(doc.doc_id)
+  return Stream(spec, cache_dir, max_documents, tuple(ids)), h.hexdigest()[:16]
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float, seed: int,
@@ -136,35 +166,59 @@ def split_documents(docs: Sequence[Document], val_fraction: float, seed: int,
   at least one, and with test_fraction > 0 and n >= 3 so does test. Order within each split
   follows `docs`; "test" is present only with test_fraction > 0.
   """
+  part = split_ids([d.doc_id for d in docs], val_fraction, seed, test_fraction)
+  return {name: [d for d in docs if part[d.doc_id] == name]
+          for name in _split_names(test_fraction)}
+
+
+def split_stream(stream: Stream, val_fraction: float, seed: int, test_fraction: float = 0.0
+                 ) -> dict[str, Stream]:
+  """`split_documents` of a Stream: one Stream per split (ids only are looked at)."""
+  part = split_ids(stream.doc_ids, val_fraction, seed, test_fraction)
+  return {name: dataclasses.replace(stream, doc_ids=tuple(i for i in stream.doc_ids
+                                                           if part[i] == name))
+          for name in _split_names(test_fraction)}
+
+
+def _split_names(test_fraction: float) -> tuple[str, ...]:
+  return ("train", "validation", "test") if test_fraction > 0 else ("train", "validation")
+
+
+def split_ids(doc_ids: Sequence[str], val_fraction: float, seed: int,
+              test_fraction: float = 0.0) -> dict[str, str]:
+  """doc id -> split name (see `split_documents`)."""
   for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
     if not 0.0 <= fraction < 1.0:
       raise UserError(f"data.{name}={fraction} is outside [0, 1); use e.g. 0.1")
   if val_fraction + test_fraction >= 1.0:
     raise UserError(f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} "
                     f"leaves no training documents; keep their sum below 1")
-  n = len(docs)
+  n = len(doc_ids)
   num_val = round(val_fraction * n)
   num_test = round(test_fraction * n) if test_fraction > 0 else 0
   if n >= 2:
     num_val = min(max(num_val, 1), n - 1)
   if test_fraction > 0 and n >= 3:
     num_test = min(max(num_test, 1), n - 1 - num_val)
-  ranked = sorted(range(n), key=lambda i: _split_key(seed, docs[i].doc_id))
-  part = {i: "validation" for i in ranked[:num_val]}
-  part.update({i: "test" for i in ranked[num_val:num_val + num_test]})
-  names = ("train", "validation", "test") if test_fraction > 0 else ("train", "validation")
-  return {name: [d for i, d in enumerate(docs) if part.get(i, "train") == name]
-          for name in names}
+  ranked = sorted(doc_ids, key=lambda i: _split_key(seed, i))
+  part = dict.fromkeys(doc_ids, "train")
+  part.update(dict.fromkeys(ranked[:num_val], "validation"))
+  part.update(dict.fromkeys(ranked[num_val:num_val + num_test], "test"))
+  return part
 
 
 def corpus_hash(docs: Iterable[Document]) -> str:
   """16-hex-digit hash of the documents' ids and texts, in order."""
   h = hashlib.sha256()
   for d in docs:
-    for field in (d.doc_id.encode(), d.text.encode()):
-      h.update(len(field).to_bytes(8, "little"))
-      h.update(field)
+    _hash_document(h, d)
   return h.hexdigest()[:16]
+
+
+def _hash_document(h: "hashlib._Hash", d: Document) -> None:
+  for field in (d.doc_id.encode(), d.text.encode()):
+    h.update(len(field).to_bytes(8, "little"))
+    h.update(field)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -255,10 +309,10 @@ def _shakespeare_folio(root: Path) -> list[Document]:
 
 
 def _gutenberg_text(path: Path) -> str:
-  return strip_gutenberg(_decode(path.read_bytes(), path).replace("\r\n", "\n"))
+  return strip_gutenberg(decode_utf8(path.read_bytes(), path).replace("\r\n", "\n"))
 
 
-def _linux_doc() -> list[Document]:
+def _linux_doc() -> Iterator[Document]:
   roots = sorted(Path(p) / "Documentation" for p in glob.glob(LINUX_DOC_GLOB))
   roots = [r for r in roots if r.is_dir()]
   if not roots:
@@ -267,14 +321,12 @@ def _linux_doc() -> list[Document]:
   root = roots[-1]  # the newest kernel version if several are installed
   paths = sorted(p for p in root.rglob("*.rst.gz")
                  if "translations" not in p.relative_to(root).parts and p.is_file())
-  docs = []
   for p in tqdm(paths, desc="reading linux-doc", unit="file", leave=False):
     rel = p.relative_to(root).as_posix().removesuffix(".rst.gz")
-    docs.append(Document(f"linux-doc/{rel}", _decode(gzip.decompress(p.read_bytes()), p)))
-  return docs
+    yield Document(f"linux-doc/{rel}", decode_utf8(gzip.decompress(p.read_bytes()), p))
 
 
-def _file_documents(spec: str) -> list[Document]:
+def _file_documents(spec: str) -> Iterator[Document]:
   paths: list[Path] = []
   for pattern in (s.strip() for s in spec.split(",")):
     if not pattern:
@@ -292,83 +344,50 @@ def _file_documents(spec: str) -> list[Document]:
     paths.extend(found)
   paths = sorted(set(p.resolve() for p in paths))
   base = Path(os.path.commonpath([p.parent for p in paths]))
-  docs = []
   for p in tqdm(paths, desc="reading corpus", unit="file", leave=False,
                 disable=len(paths) < 100):
     rel = p.relative_to(base).as_posix()
-    text = _decode(p.read_bytes(), p)
     if p.suffix == ".jsonl":
-      docs.extend(_jsonl_documents(text, p, rel.removesuffix(".jsonl")))
+      yield from _jsonl_documents(p, rel.removesuffix(".jsonl"))
     else:
-      docs.append(Document(rel.removesuffix(".txt"), text))
-  return docs
+      yield Document(rel.removesuffix(".txt"), decode_utf8(p.read_bytes(), p))
 
 
-def _jsonl_documents(text: str, path: Path, prefix: str) -> list[Document]:
-  docs = []
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object "
-                      f"per line") from None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-      raise UserError(f"{path}:{lineno} has no string field 'text'; each line needs "
-                      f'{{"text": "...", "id": optional}}')
-    doc_id = row.get("id", lineno)
-    docs.append(Document(f"{prefix}/{doc_id}", row["text"]))
-  return docs
+def _jsonl_documents(path: Path, prefix: str) -> Iterator[Document]:
+  """The documents of a jsonl file, read a line at a time."""
+  with open(path, "rb") as f:
+    offset = 0
+    for lineno, raw in enumerate(f, 1):
+      line = decode_utf8(raw, path, offset)
+      offset += len(raw)
+      document = _jsonl_document(line, path, lineno, prefix)
+      if document is not None:
+        yield document
 
 
-def _decode(data: bytes, path: Path) -> str:
-  """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset."""
+def _jsonl_document(line: str, path: Path, lineno: int, prefix: str) -> Document | None:
+  """Line `lineno` of a jsonl file as a Document (None if blank)."""
+  if not line.strip():
+    return None
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object "
+                    f"per line") from None
+  if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    raise UserError(f"{path}:{lineno} has no string field 'text'; each line needs "
+                    f'{{"text": "...", "id": optional}}')
+  return Document(f"{prefix}/{row.get('id', lineno)}", row["text"])
+
+
+def decode_utf8(data: bytes, path: Path, offset: int = 0) -> str:
+  """UTF-8 (BOM dropped) or a UserError naming the file and the byte offset (`data` starts
+  at byte `offset` of the file)."""
   try:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-
-
-def _tfds_documents(spec: str, max_documents: int) -> list[Document]:
-  import tensorflow_datasets as tfds  # heavy: only for tfds: specs
-
-  match = _TFDS_SPEC.match(spec.removeprefix("tfds:"))
-  if not match:
-    raise UserError(f"corpus {spec!r} is not of the form tfds:<name>[/<config>][:<version>]"
-                    f"[:<split>], e.g. tfds:pg19:validation")
-  name = match["name"] + (f":{match['version']}" if match["version"] else "")
-  split = match["split"] or "train"
-  builder_name = match["name"].split("/")[0]
-  if builder_name not in tfds.list_builders(with_community_datasets=False):
-    for module in _TFDS_LEGACY_MODULES:  # builders that tfds imports lazily
-      importlib.import_module(f"tensorflow_datasets.{module}")
-  try:
-    builder = tfds.builder(name)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f"unknown TFDS dataset {match['name']!r} in corpus {spec!r}; see "
-                    f"https://www.tensorflow.org/datasets/catalog") from None
-  features = builder.info.features
-  field = next((f for f in TEXT_FEATURES if f in features), None)
-  if field is None:
-    raise UserError(f"TFDS dataset {name!r} has no text feature among {list(features)}; "
-                    f"known text fields: {', '.join(TEXT_FEATURES)}")
-  try:
-    source = tfds.data_source(name, split=split)
-  except Exception as e:  # download/prepare failures: network, disk, unknown split
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"could not open TFDS {name!r} split {split!r} ({first}); check the "
-                    f"split name, network access and $TFDS_DATA_DIR") from None
-  count = min(len(source), max_documents) if max_documents else len(source)
-  docs = []
-  for i in tqdm(range(count), desc=f"reading tfds:{name}", unit="doc", leave=False,
-                disable=count < 1000):
-    text = source[i][field]
-    if isinstance(text, bytes):
-      text = _decode(text, Path(f"tfds:{name}:{split}[{i}]"))
-    docs.append(Document(f"{match['name']}/{split}/{i}", text))
-  return docs
+    raise UserError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                    f"{offset + e.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _split_key(seed: int, doc_id: str) -> bytes:

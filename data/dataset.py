@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,24 +33,24 @@ from typing import Iterator, Sequence
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from tqdm.auto import tqdm
 
 from common import artifacts
 from common.errors import UserError
 from data import corpora
 from data import tokenizer as tokenizer_lib
+from retrieval import pipeline, shards
 
 SPLITS = ("train", "validation", "test")  # "test" exists only with data.test_fraction > 0
 _FORMAT = "packed-v1"  # bump when the stored layout changes, to invalidate caches
-_TOKENIZE_BATCH_CHARS = 1 << 20  # texts per encode_batch call, by total characters
-_READ_BATCH = 256  # documents per data-source read
+DOCS_PER_SHARD = 512  # documents a pipeline item tokenizes
 _TFDS_RECORD = "tfds.files.json"  # the finished TFDS files' checksums (a resume verifies them)
 
 
 class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """One example per document: {"doc_id": Text, "tokens": int32[None]}, in corpus order.
 
-  Building needs `documents` (split -> documents) and `tokenizer`; reading needs neither.
+  Building reads the packed streams of `splits` in `packed` (`pack`'s output, streamed from
+  disk); reading needs neither.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -57,10 +58,9 @@ class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True
   # `importlib_resources` backport for a builder inside a package.)
   code_path = None
 
-  def __init__(self, *, documents: dict[str, list[corpora.Document]] | None = None,
-               tokenizer: tokenizer_lib.Tokenizer | None = None, **kwargs):
-    self._documents = documents
-    self._tokenizer = tokenizer
+  def __init__(self, *, packed: Path | None = None, splits: Sequence[str] = (), **kwargs):
+    self._packed = packed
+    self._splits = tuple(splits)
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -74,15 +74,16 @@ class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True
                                  features=features, disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: documents come from the constructor
-    if self._documents is None or self._tokenizer is None:
-      raise RuntimeError("TokenizedDocuments needs documents= and tokenizer= to build")
-    return {name: self._generate_examples(name, docs)
-            for name, docs in self._documents.items()}
+    del dl_manager  # nothing to download: the documents come from the packed streams
+    if self._packed is None:
+      raise RuntimeError("TokenizedDocuments needs packed= and splits= to build")
+    return {name: self._generate_examples(name) for name in self._splits}
 
-  def _generate_examples(self, name: str, docs: list[corpora.Document]):
-    for i, (doc, ids) in enumerate(_tokenize(self._tokenizer, docs, name)):
-      yield i, {"doc_id": doc.doc_id, "tokens": ids}
+  def _generate_examples(self, name: str):
+    split = TokenSplit.load(self._packed, name, seq_len=1, chunk_size=1)
+    starts = np.searchsorted(split.token_doc, np.arange(len(split.doc_ids) + 1))
+    for i, doc_id in enumerate(split.doc_ids):  # each document's tokens without its EOS
+      yield i, {"doc_id": doc_id, "tokens": np.asarray(split.tokens[starts[i]:starts[i + 1] - 1])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +187,8 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   committed = artifacts.committed(d.corpus, "dataset")
   if committed is not None:
     return _from_artifact(config, committed)
-  docs = corpora.load_corpus(d.corpus, d.cache_dir, d.max_documents)
-  splits = corpora.split_documents(docs, d.val_fraction, d.split_seed, d.test_fraction)
+  docs, corpus_hash = corpora.scan(d.corpus, d.cache_dir, d.max_documents)
+  splits = corpora.split_stream(docs, d.val_fraction, d.split_seed, d.test_fraction)
   if not all(splits.values()):
     need = len(splits)
     raise UserError(f"corpus {d.corpus!r} has {len(docs)} document(s); at least {need} are "
@@ -196,7 +197,7 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                     (" (or set --config.data.test_fraction=0)" if need == 3 else ""))
   tok = tokenizer_lib.get_tokenizer(d.tokenizer, splits["train"], config.model.vocab_size,
                                     d.cache_dir, rebuild=artifacts.rebuild_command(config.name))
-  inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": tok.hash}
+  inputs = {"corpus": corpus_hash, "tokenizer": tok.hash}
   fractions = {"val_fraction": d.val_fraction}
   if d.test_fraction:  # (absent when 0: datasets built before the test split keep their hash)
     fractions["test_fraction"] = d.test_fraction
@@ -275,25 +276,60 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
   return perm
 
 
-def _build(splits: dict[str, list[corpora.Document]], tok: tokenizer_lib.Tokenizer,
+def _build(splits: dict[str, corpora.Stream], tok: tokenizer_lib.Tokenizer,
            final: Path, inputs: dict[str, str], dataset_hash: str) -> None:
-  """Writes the TFDS dataset and packed streams into `<final>.partial`, then commits."""
+  """Packs every split (`pack`), then writes the TFDS dataset from the packed streams, into
+  `<final>.partial`, then commits."""
   with artifacts.building(final) as work:
+    counts = {name: pack(docs, tok, work, name) for name, docs in splits.items()}
     _drop_unverified_tfds(work)
-    builder = TokenizedDocuments(documents=splits, tokenizer=tok, data_dir=str(work / "tfds"))
-    builder.download_and_prepare()
+    builder = TokenizedDocuments(packed=work, splits=list(splits), data_dir=str(work / "tfds"))
+    builder.download_and_prepare()  # (TFDS's writer holds a split's examples in memory)
     artifacts.atomic_write_text(work / _TFDS_RECORD,
                                 json.dumps(artifacts.files_record(work / "tfds"), indent=1))
-    counts = {}
-    for name in splits:
-      tokens, token_doc, doc_ids = _pack(builder.as_data_source(split=name), tok.eos_id)
-      artifacts.atomic_save_npy(work / f"{name}.tokens.npy", tokens)
-      artifacts.atomic_save_npy(work / f"{name}.token_doc.npy", token_doc)
-      artifacts.atomic_write_text(work / f"{name}.doc_ids.json", json.dumps(doc_ids))
-      counts[name] = {"documents": len(doc_ids), "tokens": int(tokens.shape[0])}
     artifacts.write_manifest(work, "dataset", inputs, hash=dataset_hash, splits=counts,
                              tokens_dtype="int32", eos_id=tok.eos_id,
                              vocab_size=tok.vocab_size, tfds_builder=builder.name)
+
+
+def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: str
+         ) -> dict[str, int]:
+  """Writes `<name>.tokens.npy`, `<name>.token_doc.npy` and `<name>.doc_ids.json` into
+  `work`: each document's tokens then EOS. The documents are streamed into an on-disk text
+  store, tokenized DOCS_PER_SHARD at a time by the pipeline (resumable shards, in parallel
+  with several workers) and joined through a memmap: memory does not grow with the corpus.
+  Returns the split's document and token counts."""
+  stage = work / ".pack" / name
+  offsets_path, text_path = stage / "text_offsets.npy", stage / "text.bin"
+  if not offsets_path.exists():  # written last: the text store is complete
+    stage.mkdir(parents=True, exist_ok=True)
+    offsets = [0]
+    with open(text_path, "wb") as f:
+      for doc in docs:
+        offsets.append(offsets[-1] + f.write(doc.text.encode()))
+    artifacts.atomic_save_npy(offsets_path, np.asarray(offsets, np.int64))
+  pipeline.by_reference(tok, tokenizer_lib.Tokenizer.load, tok.path)
+  eos = tok.eos_id
+
+  def compute(d0: int, d1: int) -> dict[str, np.ndarray]:
+    offsets_D = np.load(offsets_path, mmap_mode="r")
+    text = np.memmap(text_path, np.uint8, "r")  # documents are never empty
+    parts = [np.asarray([*ids, eos], np.int32) for ids in tok.encode_batch(
+        [bytes(text[offsets_D[i]:offsets_D[i + 1]]).decode() for i in range(d0, d1)])]
+    return {"tokens": np.concatenate(parts),
+            "token_doc": np.repeat(np.arange(d0, d1, dtype=np.int32), [len(p) for p in parts])}
+
+  arrays = shards.sharded_rows(stage, len(docs), DOCS_PER_SHARD, compute,
+                               desc=f"tokenizing {name}", unit="doc", job={"tokenizer": tok.hash})
+  tokens = int(arrays["tokens"].shape[0])
+  del arrays
+  for array in ("tokens", "token_doc"):
+    os.replace(stage / f"{array}.npy", work / f"{name}.{array}.npy")
+  artifacts.atomic_write_text(work / f"{name}.doc_ids.json", json.dumps(list(docs.doc_ids)))
+  shutil.rmtree(stage)
+  if not any((work / ".pack").iterdir()):
+    (work / ".pack").rmdir()
+  return {"documents": len(docs), "tokens": tokens}
 
 
 def _drop_unverified_tfds(work: Path) -> None:
@@ -313,45 +349,3 @@ def _drop_unverified_tfds(work: Path) -> None:
     print(f"{tfds_dir}: {problem}; preparing it again", flush=True)
     shutil.rmtree(tfds_dir)
     record.unlink(missing_ok=True)
-
-
-def _tokenize(tok: tokenizer_lib.Tokenizer, docs: list[corpora.Document], name: str
-              ) -> Iterator[tuple[corpora.Document, np.ndarray]]:
-  """(document, token ids) in order, encoded in batches of about 1M characters."""
-  with tqdm(total=sum(len(doc.text) for doc in docs), desc=f"tokenizing {name}",
-            unit="char", unit_scale=True) as bar:
-    for batch in _char_batches(docs, _TOKENIZE_BATCH_CHARS):
-      encoded = tok.encode_batch([doc.text for doc in batch])
-      bar.update(sum(len(doc.text) for doc in batch))
-      for doc, ids in zip(batch, encoded):
-        yield doc, np.asarray(ids, dtype=np.int32)
-
-
-def _char_batches(docs: list[corpora.Document], max_chars: int
-                  ) -> Iterator[list[corpora.Document]]:
-  batch, chars = [], 0
-  for doc in docs:
-    batch.append(doc)
-    chars += len(doc.text)
-    if chars >= max_chars:
-      yield batch
-      batch, chars = [], 0
-  if batch:
-    yield batch
-
-
-def _pack(source: Sequence[dict], eos_id: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """(tokens [T], token_doc [T], doc_ids) of the documents of a data source, in order."""
-  doc_ids, parts = [], []
-  for start in range(0, len(source), _READ_BATCH):
-    for example in source.__getitems__(list(range(start, min(len(source), start + _READ_BATCH)))):
-      doc_ids.append(example["doc_id"].decode())
-      parts.append(example["tokens"])
-  lengths = np.array([len(p) + 1 for p in parts], dtype=np.int64)
-  tokens = np.empty(int(lengths.sum()), dtype=np.int32)
-  ends = np.cumsum(lengths)
-  for part, end in zip(parts, ends):
-    tokens[end - len(part) - 1:end - 1] = part
-    tokens[end - 1] = eos_id
-  token_doc = np.repeat(np.arange(len(parts), dtype=np.int32), lengths)
-  return tokens, token_doc, doc_ids

@@ -1,8 +1,10 @@
 """Builds every retrieval artifact a config needs: what the model family requests.
 
-    python -m retrieval.build --config retro_small [--config.retrieval.datastore=shakespeare_folio]
+    python -m retrieval.build --config retro_small [--workers 2] [--config.retrieval.datastore=...]
+    python -m retrieval.build --config retro_172m -- --runner=DataflowRunner --project=P ...
 
-    artifacts = build_all(config)        # the family's request (retrieval_request), cached
+    artifacts = build_all(config, runner=pipeline.Runner(workers=2))  # the family's request
+
     retrieved = build_retrieval(config, prepared, request)   # an explicit RetrievalSpec
 
 The model family (`models.family.get(config.model.name).retrieval(spec)`) says what it
@@ -11,8 +13,11 @@ builder: "neighbours" (neighbours.py: RETRO, In-Context RALM) or "candidates"
 (candidates.py: REALM). A builder embeds the datastore chunks (datastore.py; reused as the
 queries of the split it was made from) and each split's queries, builds the index, then
 searches and materialises per split into `cache_root/<artifact kind>/<fingerprint>/`
-(resumable: shards.py). A kNN-LM datastore holds a trained LM's keys, so eval.py/train.py
-build it from a checkpoint (knn_datastore.py); this only prepares the data for it.
+(resumable: shards.py). Every sharded stage (tokenising, embedding, searching) runs as an
+Apache Beam pipeline (pipeline.py): locally with N worker processes, or on the Beam runner
+that the options after `--` name; one worker is the same pipeline in this process. A
+kNN-LM datastore holds a trained LM's keys, so eval.py/train.py build it from a checkpoint
+(knn_datastore.py); this only prepares the data for it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from common.errors import UserError, cli_main
 from data import dataset
 from models import family as family_lib
 from models import layers
-from retrieval import candidates, core, datastore, neighbours
+from retrieval import candidates, core, datastore, neighbours, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +82,17 @@ def retrieval_request(config: ml_collections.ConfigDict) -> family_lib.Retrieval
   return family_lib.get(config.model.name).retrieval(spec)
 
 
-def build_all(config: ml_collections.ConfigDict, splits: Sequence[str] | None = None
-              ) -> Artifacts:
+def build_all(config: ml_collections.ConfigDict, splits: Sequence[str] | None = None,
+              runner: pipeline.Runner | None = None) -> Artifacts:
   """Prepares the data and builds (or loads from the cache) the family's retrieval arrays
   for `splits` (default: every split the dataset has; evaluating a model as another
-  family builds one)."""
+  family builds one). Every sharded stage runs as a Beam pipeline on `runner` (default:
+  the active one, else one worker in this process)."""
+  with (runner or pipeline.current()).active():
+    return _build_all(config, splits)
+
+
+def _build_all(config: ml_collections.ConfigDict, splits: Sequence[str] | None) -> Artifacts:
   prepared = dataset.prepare(config)
   request = retrieval_request(config)
   if request is None:
@@ -189,11 +200,22 @@ def summary(artifacts: Artifacts) -> str:
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
-  p = cli.parser("Build the retrieval artifacts (neighbours, candidates) of a config.")
-  _, config = cli.parse(p, argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  beam_options = argv[argv.index("--") + 1:] if "--" in argv else []
+  argv = argv[:argv.index("--")] if "--" in argv else argv
+  p = cli.parser("Build the retrieval artifacts (neighbours, candidates) of a config; Beam "
+                 "pipeline options (e.g. --runner=DataflowRunner --project=P) go after --.")
+  p.add_argument("--workers", type=int, default=0,
+                 help="local worker processes (default 0: one per core)")
+  args, config = cli.parse(p, argv)
+  runner = pipeline.Runner(args.workers, beam_options)
+  print(f"building on {runner}", flush=True)
   start = time.perf_counter()
-  artifacts = build_all(config)
+  artifacts = build_all(config, runner=runner)
   print(summary(artifacts))
+  if runner.stage_seconds:
+    print("pipeline seconds: " + ", ".join(f"{stage} {s:.1f}"
+                                            for stage, s in runner.stage_seconds.items()))
   if artifacts.retrieved is None:
     if family_lib.get(config.model.name).knn_key:
       print(f"model.name={config.model.name}: the kNN-LM datastore holds a trained LM's keys; "

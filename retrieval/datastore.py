@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from common import artifacts
 from common.errors import UserError
@@ -31,7 +30,10 @@ from data import corpora
 from data import dataset
 from data import tokenizer as tokenizer_lib
 from retrieval import embedder as embedder_lib
+from retrieval import hash_embedder
 from retrieval import index as index_lib
+from retrieval import ondisk
+from retrieval import pipeline
 
 _DATASTORE_FORMAT = "packed-v1"
 
@@ -81,45 +83,39 @@ def _pack_corpus(config: ml_collections.ConfigDict, prepared: dataset.Prepared, 
                  ) -> tuple[Path, str]:
   """(the committed packed datastore of corpus `spec`, built if missing; its description)."""
   d = config.data
-  docs = corpora.load_corpus(spec, d.cache_dir, d.max_documents)
+  docs, _ = corpora.scan(spec, d.cache_dir, d.max_documents)
   dropped: list[str] = []
   if config.retrieval.datastore_drop_heldout:
     heldout = [i for name in prepared.names if name != "train"
                for i in prepared.split(name).doc_ids]
-    docs, dropped = drop_heldout(docs, heldout)
-    if not docs:
+    kept, dropped = drop_heldout(docs.doc_ids, heldout)
+    if not kept:
       raise UserError(f"every document of datastore {spec!r} matches a held-out document "
                       f"by name; set --config.retrieval.datastore_drop_heldout=False or use "
                       f"another datastore")
+    docs = dataclasses.replace(docs, doc_ids=tuple(kept))
     spec = f"{spec} (without {len(dropped)} held-out)"
   inputs = {"corpus": corpora.corpus_hash(docs), "tokenizer": prepared.tokenizer.hash}
   final = artifacts.cache_root(d.cache_dir) / "datastores" / artifacts.fingerprint(
       {**inputs, "format": _DATASTORE_FORMAT})
   if artifacts.read_manifest(final) is None:
     with artifacts.building(final) as work:
-      tokens_T, token_doc_T = _pack_documents(docs, prepared.tokenizer, spec)
-      artifacts.atomic_save_npy(work / "datastore.tokens.npy", tokens_T)
-      artifacts.atomic_save_npy(work / "datastore.token_doc.npy", token_doc_T)
-      artifacts.atomic_write_text(work / "datastore.doc_ids.json",
-                                  json.dumps([doc.doc_id for doc in docs]))
-      artifacts.write_manifest(work, "datastore", inputs, spec=spec, documents=len(docs),
-                               tokens=int(tokens_T.shape[0]), dropped_heldout=dropped)
+      counts = dataset.pack(docs, prepared.tokenizer, work, "datastore")
+      artifacts.write_manifest(work, "datastore", inputs, spec=spec, **counts,
+                               dropped_heldout=dropped)
   artifacts.check_manifest(final, inputs, rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
   return final, spec
 
 
-def drop_heldout(docs: Sequence[corpora.Document], heldout_ids: Sequence[str]
-                 ) -> tuple[list[corpora.Document], list[str]]:
-  """(kept, dropped ids): drops documents whose name (the doc id after its last "/") is the
+def drop_heldout(doc_ids: Sequence[str], heldout_ids: Sequence[str]
+                 ) -> tuple[list[str], list[str]]:
+  """(kept, dropped) ids: drops documents whose name (the doc id after its last "/") is the
   name of a held-out document, e.g. `folio/othello` when `shakespeare/othello` is held out."""
   names = {doc_id.rsplit("/", 1)[-1] for doc_id in heldout_ids}
   kept, dropped = [], []
-  for doc in docs:
-    if doc.doc_id.rsplit("/", 1)[-1] in names:
-      dropped.append(doc.doc_id)
-    else:
-      kept.append(doc)
+  for doc_id in doc_ids:
+    (dropped if doc_id.rsplit("/", 1)[-1] in names else kept).append(doc_id)
   return kept, dropped
 
 
@@ -150,20 +146,15 @@ def leakage(store: dataset.TokenSplit, split: dataset.TokenSplit) -> dict[str, o
           "chunks": int(len(chunks_NxM))}
 
 
-def _pack_documents(docs: Sequence[corpora.Document], tok: tokenizer_lib.Tokenizer, name: str
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens int32 [T], token_doc int32 [T]): every document's tokens, then EOS."""
-  parts = []
-  for start in tqdm(range(0, len(docs), 64), desc=f"tokenizing datastore {name}", unit="batch"):
-    parts += [np.asarray(ids + [tok.eos_id], np.int32)
-              for ids in tok.encode_batch([doc.text for doc in docs[start:start + 64]])]
-  token_doc_T = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
-  return np.concatenate(parts), token_doc_T
-
-
 def load_embedder(config: ml_collections.ConfigDict) -> embedder_lib.Embedder:
+  """The configured embedder (`hashing:<dim>`: hash_embedder.py), sent to pipeline workers
+  as its loader and arguments."""
   r = config.retrieval
-  return embedder_lib.Embedder.load(r.embedder, r.embed_max_tokens, r.embed_batch_size)
+  if r.embedder.startswith(hash_embedder.PREFIX):
+    load, args = hash_embedder.HashEmbedder.from_spec, (r.embedder,)
+  else:
+    load, args = embedder_lib.Embedder.load, (r.embedder, r.embed_max_tokens, r.embed_batch_size)
+  return pipeline.by_reference(load(*args), load, *args)
 
 
 def chunk_embeddings(config: ml_collections.ConfigDict, split: dataset.TokenSplit,
@@ -197,14 +188,22 @@ def datastore_index(config: ml_collections.ConfigDict, embeddings_NxE: np.ndarra
   final = artifacts.cache_root(config.data.cache_dir) / "index" / key
   if artifacts.read_manifest(final) is None:
     with artifacts.building(final) as work:
-      index = index_lib.build_index(embeddings_NxE, r.metric, r.index,
-                                    memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
-                                    ef_search=r.ef_search)
-      index_lib.save_index(index, work / "index.faiss")
+      if r.index.startswith(ondisk.PREFIX):  # inverted lists on disk, filled by the pipeline
+        ondisk.build_ondisk(embeddings_NxE, r.index, r.metric, work)
+        ntotal = ondisk.load_ondisk(work).ntotal
+      else:
+        index = index_lib.build_index(embeddings_NxE, r.metric, r.index,
+                                      memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
+                                      ef_search=r.ef_search)
+        index_lib.save_index(index, work / "index.faiss")
+        ntotal = index.ntotal
       artifacts.write_manifest(work, "index", {"embeddings": embeddings_hash}, hash=key,
-                               spec=spec, ntotal=int(index.ntotal))
+                               spec=spec, ntotal=int(ntotal))
   artifacts.check_manifest(final, {"embeddings": embeddings_hash},
                            rebuild_hint=f"delete {final} and rerun",
                            rebuild=artifacts.rebuild_command(config.name))
-  return (index_lib.load_index(final / "index.faiss", r.nprobe, r.ef_search),
+  load, args = ((ondisk.load_ondisk, (final, r.nprobe, r.ef_search))
+                if r.index.startswith(ondisk.PREFIX)
+                else (index_lib.load_index, (final / "index.faiss", r.nprobe, r.ef_search)))
+  return (pipeline.by_reference(load(*args), load, *args),
           artifacts.fingerprint({"index": key, "nprobe": r.nprobe, "ef_search": r.ef_search}))

@@ -63,8 +63,8 @@ def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
   spec = ivfpq_factory(n, d, memory_budget_gb)
   if spec is None:
     raise UserError(f"{n} vectors of width {d} do not fit retrieval.memory_budget_gb="
-                    f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or shard the "
-                    f"datastore")
+                    f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or keep the lists "
+                    f"on disk: --config.retrieval.index=ondisk:{ivfpq_factory(n, d, float('inf'))}")
   return spec
 
 

@@ -5,11 +5,14 @@ through `sharded_rows`.
     arrays = sharded_rows(work / "train", num_rows, rows_per_shard, compute, desc="...")
 
 `compute(start, stop)` returns name -> array of rows [start, stop) (any row count per shard
-on axis 0). Shards are saved atomically under `<directory>/shards/` with a done-marker
-written last, so a rerun after an interruption (even SIGKILL) recomputes only the
-unfinished shards. When all are done they are joined into `<directory>/<name>.npy`,
-`arrays.json` lists them, and the shards are removed; a directory that has `arrays.json`
-for the same job is returned without work.
+on axis 0). The missing shards are computed by the active `pipeline.Runner`: an Apache
+Beam pipeline, one item a shard, in this process by default, or in N worker processes or
+on a cluster runner (`compute` then pickled, its big inputs by reference); the tokenized
+token stores (data/dataset.py) and on-disk index shards (ondisk.py) too. Shards are saved
+atomically under `<directory>/shards/` with a done-marker written last, so a rerun after
+an interruption (even SIGKILL) recomputes only the unfinished shards. When all are done
+they are joined into `<directory>/<name>.npy`, `arrays.json` lists them, and the shards
+are removed; a directory that has `arrays.json` for the same job is returned without work.
 
 A shard's done-marker records each of its files (bytes, dtype, shape, sha256), and so does
 `arrays.json` for the joined arrays. What a rerun finds from an earlier process is verified
@@ -19,16 +22,20 @@ recomputed, damaged joined arrays are recomputed from scratch.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from common import artifacts
+from retrieval import pipeline
 
 LISTING = "arrays.json"  # name -> {shape, dtype, bytes, sha256} of the joined arrays; last
 JOB = "job.json"  # what the shards were computed for; another job discards them
@@ -83,26 +90,75 @@ def sharded_rows(directory: str | os.PathLike, num_rows: int, rows_per_shard: in
       if problem:
         print(f"shard {i} of {directory} is damaged ({problem}); recomputing it", flush=True)
         marker.unlink()
-    done = sum(min(rows_per_shard, num_rows - s) for s, f in zip(starts, markers) if f.exists())
+    missing = [i for i, marker in enumerate(markers) if not marker.exists()]
+    done = num_rows - sum(min(rows_per_shard, num_rows - starts[i]) for i in missing)
+    runner = pipeline.current()
     with tqdm(total=num_rows * units_per_row, initial=done * units_per_row, desc=desc,
               unit=unit, unit_scale=True) as bar:
-      for i, (start, marker) in enumerate(zip(starts, markers)):
-        if marker.exists():
-          continue
-        stop = min(start + rows_per_shard, num_rows)
-        before = bar.n
-        arrays = compute(start, stop, bar) if compute_advances_bar else compute(start, stop)
-        records = {}
-        for name in sorted(arrays):
-          path = shard_dir / f"{i:05d}.{name}.npy"
-          artifacts.atomic_save_npy(path, arrays[name])
-          records[name] = artifacts.file_record(path)
-        artifacts.atomic_write_text(marker, json.dumps(records))
-        bar.update(before + (stop - start) * units_per_row - bar.n)
+      job = _ShardJob(shard_dir, num_rows, rows_per_shard, units_per_row, compute,
+                      compute_advances_bar, bar if runner.in_process else None)
+      with _progress_from_markers(bar, markers, rows_per_shard, num_rows, units_per_row,
+                                  enabled=not runner.in_process):
+        runner.map(desc, job, missing)
     _join(directory, shard_dir, len(starts), list(json.loads(markers[0].read_text())))
     shutil.rmtree(shard_dir)
   return {name: np.load(directory / f"{name}.npy", mmap_mode="r")
           for name in json.loads(listing.read_text())}
+
+
+@dataclasses.dataclass
+class _ShardJob:
+  """The stage body run by the pipeline for each missing shard i: computes its rows, saves
+  each array atomically, then its done-marker (what a rerun trusts)."""
+
+  shard_dir: Path
+  num_rows: int
+  rows_per_shard: int
+  units_per_row: int
+  compute: Callable[..., Mapping[str, np.ndarray]]
+  compute_advances_bar: bool
+  bar: Any = None  # the progress bar, in this process only (not sent to workers)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "bar": None}
+
+  def __call__(self, i: int) -> None:
+    start = i * self.rows_per_shard
+    stop = min(start + self.rows_per_shard, self.num_rows)
+    bar = self.bar if self.bar is not None else tqdm(disable=True)
+    before = bar.n
+    arrays = (self.compute(start, stop, bar) if self.compute_advances_bar
+              else self.compute(start, stop))
+    records = {}
+    for name in sorted(arrays):
+      path = self.shard_dir / f"{i:05d}.{name}.npy"
+      artifacts.atomic_save_npy(path, arrays[name])
+      records[name] = artifacts.file_record(path)
+    artifacts.atomic_write_text(self.shard_dir / f"{i:05d}.done", json.dumps(records))
+    bar.update(before + (stop - start) * self.units_per_row - bar.n)
+
+
+@contextlib.contextmanager
+def _progress_from_markers(bar: tqdm, markers: list[Path], rows_per_shard: int,
+                           num_rows: int, units_per_row: int, enabled: bool) -> Iterator[None]:
+  """Advances `bar` from the done-markers workers write (once a second), while the block runs."""
+  stop = threading.Event()
+
+  def watch() -> None:
+    while not stop.wait(1.0):
+      done = sum(min(rows_per_shard, num_rows - i * rows_per_shard)
+                 for i, marker in enumerate(markers) if marker.exists())
+      bar.update(done * units_per_row - bar.n)
+
+  thread = threading.Thread(target=watch, daemon=True) if enabled else None
+  if thread:
+    thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    if thread:
+      thread.join()
 
 
 def _shard_problem(shard_dir: Path, i: int) -> str | None:

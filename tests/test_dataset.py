@@ -139,7 +139,7 @@ def test_interrupted_build_is_not_trusted(tmp_path, monkeypatch, capsys):
   def fail(*args, **kwargs):
     raise RuntimeError("interrupted")
 
-  monkeypatch.setattr(dataset, "_pack", fail)
+  monkeypatch.setattr(dataset, "pack", fail)
   with pytest.raises(RuntimeError, match="interrupted"):
     dataset.prepare(cfg)
   built = list((tmp_path / "cache" / "datasets").iterdir())

@@ -117,7 +117,7 @@ def test_bundle_round_trips_from_the_hub_without_rebuilding(workdir, offline_hub
   cites; the snapshot gains only eval.py's results file."""
   empty = tmp_path / "cache"
   monkeypatch.setenv("RETROZOO_CACHE", str(empty))
-  monkeypatch.setattr(corpora, "load_corpus", lambda *a, **k: pytest.fail("corpus read"))
+  monkeypatch.setattr(corpora, "iter_corpus", lambda *a, **k: pytest.fail("corpus read"))
   before = _files(offline_hub)
   trained = json.loads((workdir / "final_metrics.json").read_text())
   with artifacts.verification(full=False, build=False):

@@ -282,7 +282,8 @@ def test_killed_neighbour_build_resumes_from_last_shard(retro, tmp_path, monkeyp
   shutil.copytree(Path(dict(o.split("=", 1) for o in retro)["data.cache_dir"]), cache,
                   ignore=shutil.ignore_patterns(neighbours.ARTIFACT))
   overrides = [*retro, f"data.cache_dir={cache}"]
-  proc = _driver("retrieval.build", "--config", "tiny_retro", *_cli(overrides),
+  proc = _driver("retrieval.build", "--config", "tiny_retro", "--workers", "1",
+                 *_cli(overrides),
                  patch=KILL_MID_BUILD, CHUNKS_PER_SHARD="16", KILL_AFTER_SHARDS="3")
   proc.communicate(timeout=300)
   assert proc.returncode == -signal.SIGKILL
