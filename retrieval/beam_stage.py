@@ -4,18 +4,38 @@ memmaps and `by_reference` objects by reference."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 from typing import Any, Iterator, Sequence
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.internal.cloudpickle import cloudpickle
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from common.errors import UserError
 from retrieval import pipeline
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+  """Beam's import warns on the root logger about optional GCP clients ("apitools not
+  found"), which would also configure the root logger to print: both are kept out of a
+  user's stderr (a UserError stays one line)."""
+  root, handler, level = logging.getLogger(), logging.NullHandler(), logging.getLogger().level
+  root.addHandler(handler)
+  root.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+with _quiet_root_logger():
+  import apache_beam as beam
+  from apache_beam.internal.cloudpickle import cloudpickle
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 
 def runner_name(options: Sequence[str]) -> str | None:
