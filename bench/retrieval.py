@@ -169,14 +169,20 @@ def bench_embedder(cfg, num_texts: int, repeats: int, dtypes: list[str], torch_p
   return result
 
 
-def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dict]:
+def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int, kinds: list[str]
+                ) -> list[dict]:
   data = clustered_unit_vectors(n + num_queries, d, seed=n)
   db, queries = data[:n], data[n:]
-  exact = rindex.build_index(db, cfg.metric, "Flat")
-  _, true_ids = rindex.search(exact, queries, K)
+  metric = rindex.METRICS[cfg.metric]
+  _, true_ids = faiss.knn(queries, db, K, metric)  # exact, without a second copy of db
   rows = []
-  # Every index type at every size; IVF-PQ as `auto` picks it beyond HNSW_MAX vectors.
-  specs = ["Flat", f"HNSW{rindex.HNSW_M}", rindex.ivfpq_factory(n, d, cfg.memory_budget_gb)]
+  # Each index kind at each size: Flat, HNSW32, plain IVF-PQ, refined fast-scan IVF-PQ, and
+  # what `auto` picks (marked "auto": true).
+  auto = rindex.choose_factory(n, d, cfg.memory_budget_gb)
+  kind_specs = {"flat": "Flat", "hnsw": f"HNSW{rindex.HNSW_M}",
+                "ivfpq": rindex.ivfpq_factory(n, d, cfg.memory_budget_gb),
+                "refined": rindex.refined_ivfpq_factory(n, d, cfg.memory_budget_gb), "auto": auto}
+  specs = list(dict.fromkeys(kind_specs[k] for k in kinds if kind_specs.get(k)))
   for spec in specs:
     n_train = rindex.train_count(spec, n)
     train_times, add_times = [], []
@@ -194,7 +200,7 @@ def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dic
     query_s = median_time(lambda: rindex.search(index, queries, K), repeats)
     _, ids = rindex.search(index, queries, K)
     recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, true_ids)])
-    rows.append({"n": n, "d": d, "spec": spec, "metric": cfg.metric,
+    rows.append({"n": n, "d": d, "spec": spec, "auto": spec == auto, "metric": cfg.metric,
                  "train_vectors": n_train if trains else 0,
                  "train_s": round(train_s, 3), "add_s": round(add_s, 3),
                  "add_per_s": round(n / add_s), "queries": num_queries,
@@ -202,18 +208,19 @@ def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dic
                  f"recall_at_{K}": round(float(recall), 4),
                  "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
                  "nprobe": cfg.nprobe if "IVF" in spec else None,
-                 "ef_search": cfg.ef_search if "HNSW" in spec else None})
+                 "ef_search": cfg.ef_search if "HNSW" in spec else None,
+                 "refine_k_factor": rindex.REFINE_K_FACTOR if "RFlat" in spec else None})
   return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  for spec_kind in ("Flat", "HNSW", "IVF"):
-    mine = sorted((r for r in rows if r["spec"].startswith(spec_kind)), key=lambda r: r["n"])
-    if not mine:
-      continue
+  kind = lambda spec: ("IVF-PQ fast-scan + refine" if "RFlat" in spec else
+                       "IVF-PQ" if spec.startswith("IVF") else spec)
+  for spec_kind in dict.fromkeys(kind(r["spec"]) for r in rows):
+    mine = sorted((r for r in rows if kind(r["spec"]) == spec_kind), key=lambda r: r["n"])
     ns = [r["n"] for r in mine]
-    label = mine[-1]["spec"] if spec_kind != "IVF" else "IVF-PQ"
+    label = spec_kind
     axes[0].plot(ns, [r["train_s"] + r["add_s"] for r in mine], "o-", label=label)
     axes[1].plot(ns, [1e3 / r["query_per_s"] for r in mine], "o-", label=label)
     axes[2].plot(ns, [r[f"recall_at_{K}"] for r in mine], "o-", label=label)
@@ -241,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--texts", type=int, default=1024, help="texts embedded per timing run")
   p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is kept)")
   p.add_argument("--skip-embedder", action="store_true", help="benchmark FAISS only")
+  p.add_argument("--index-kinds", default="flat,hnsw,ivfpq,refined,auto",
+                 help="index kinds per size, comma separated: flat, hnsw, ivfpq, refined, auto")
   p.add_argument("--embed-dtypes", default="float32",
                  help="embedder matmul dtypes to time, comma separated (float32, bfloat16)")
   p.add_argument("--torch-python", default=os.environ.get("RETROZOO_TORCH_PYTHON", ""),
@@ -262,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["embedder"] = bench_embedder(cfg, args.texts, args.repeats,
                                         args.embed_dtypes.split(","), args.torch_python, out)
   d = result.get("embedder", {}).get("dim", base.base_config().model.realm.embedding_dim)
-  rows = [row for n in sizes for row in bench_index(n, d, cfg, args.queries, args.repeats)]
+  kinds = args.index_kinds.split(",")
+  rows = [row for n in sizes for row in bench_index(n, d, cfg, args.queries, args.repeats, kinds)]
   result["auto"] = {str(n): rindex.choose_factory(n, d, cfg.memory_budget_gb) for n in sizes}
   result["index"] = rows
   result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
