@@ -150,11 +150,13 @@ def bert_encode(params: dict[str, Any], ids_BxL: jax.Array, mask_BxL: jax.Array,
 def fast_params(params: dict[str, Any], cfg: BertConfig, dtype: str = "float32"
                 ) -> dict[str, Any]:
   """`flax_params` -> the layout `bert_encode` runs: fused QKV (query scaled by 1/sqrt(D)),
-  matmul kernels in `dtype` (biases, norms and embeddings stay float32)."""
-  cd = jnp.dtype(dtype)
+  matmul kernels in `dtype` (biases, norms and embeddings stay float32); "bfloat16_ffn":
+  only the feed-forward matmuls (2/3 of the FLOPs) in bfloat16."""
+  ffn_cd = jnp.dtype(dtype.removesuffix("_ffn"))
+  cd = ffn_cd if not dtype.endswith("_ffn") else jnp.dtype(jnp.float32)
   scale = 1.0 / np.sqrt(cfg.hidden_size // cfg.num_heads)
-  dense = lambda d: {"kernel": np.asarray(d["kernel"], np.float32).astype(cd),
-                     "bias": np.asarray(d["bias"], np.float32)}
+  dense = lambda d, dt=cd: {"kernel": np.asarray(d["kernel"], np.float32).astype(dt),
+                            "bias": np.asarray(d["bias"], np.float32)}
   out: dict[str, Any] = {
       "word_embeddings": params["word_embeddings"]["embedding"],
       "position_embeddings": params["position_embeddings"]["embedding"],
@@ -168,7 +170,8 @@ def fast_params(params: dict[str, Any], cfg: BertConfig, dtype: str = "float32"
                                    l["value"]["bias"]])}
     out[f"layer_{i}"] = {"qkv": dense(qkv), "attention_out": dense(l["attention_out"]),
                          "attention_norm": l["attention_norm"],
-                         "intermediate": dense(l["intermediate"]), "output": dense(l["output"]),
+                         "intermediate": dense(l["intermediate"], ffn_cd),
+                         "output": dense(l["output"], ffn_cd),
                          "output_norm": l["output_norm"]}
   return out
 
@@ -310,8 +313,9 @@ class Embedder:
     self.num_devices = devices.size
     self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
     self._rows_sharding = NamedSharding(self.mesh, P("data"))
-    if dtype not in ("float32", "bfloat16"):
-      raise UserError(f"embedder dtype={dtype!r} must be 'float32' or 'bfloat16'")
+    if dtype not in ("float32", "bfloat16", "bfloat16_ffn"):
+      raise UserError(f"embedder dtype={dtype!r} must be 'float32', 'bfloat16' or "
+                      f"'bfloat16_ffn'")
     self.dtype = dtype
     params = fast_params(flax_params(safetensors.numpy.load_file(str(weights)), self.cfg),
                          self.cfg, dtype)
