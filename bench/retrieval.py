@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--texts", type=int, default=1024, help="texts embedded per timing run")
   p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is kept)")
   p.add_argument("--skip-embedder", action="store_true", help="benchmark FAISS only")
-  p.add_argument("--index-kinds", default="flat,hnsw,ivfpq,refined,auto",
+  p.add_argument("--index-kinds", default="flat,hnsw,ivfpq,auto",
                  help="index kinds per size, comma separated: flat, hnsw, ivfpq, refined, auto")
   p.add_argument("--embed-dtypes", default="float32",
                  help="embedder matmul dtypes to time, comma separated (float32, bfloat16)")
