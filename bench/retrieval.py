@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,18 @@ def clustered_unit_vectors(n: int, d: int, seed: int, clusters: int = 256, rank:
   return out
 
 
+def cpu_model() -> str:
+  """The `model name` line of /proc/cpuinfo (what lscpu prints), or the platform's."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
 def median_time(fn, repeats: int) -> float:
   times = []
   for _ in range(repeats):
@@ -64,30 +77,112 @@ def median_time(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-def bench_embedder(cfg, num_texts: int, repeats: int) -> dict:
-  emb = Embedder.load(cfg.embedder, cfg.embed_max_tokens, cfg.embed_batch_size)
-  rng = np.random.default_rng(0)
+def _texts(vocab: list[str], n: int, seed: int = 0) -> list[str]:
+  """n texts of 40-90 random vocabulary words (~50-110 WordPiece tokens, like 64-token
+  LM chunks re-tokenized; lengths vary, so length bucketing matters)."""
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(vocab, int(rng.integers(40, 91)))) for _ in range(n)]
+
+
+class TorchReference:
+  """bench/torch_bert.py in another Python (one with torch + transformers) as a worker."""
+
+  def __init__(self, python: str, folder: Path, texts_json: Path, batch_size: int,
+               max_tokens: int, threads: int):
+    script = Path(__file__).with_name("torch_bert.py")
+    self.proc = subprocess.Popen(
+        [python, str(script), str(folder), str(texts_json), str(batch_size), str(max_tokens),
+         str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    self.info = self._ask(None)
+
+  def _ask(self, line: str | None) -> dict:
+    if line is not None:
+      self.proc.stdin.write(line + "\n")
+      self.proc.stdin.flush()
+    reply = self.proc.stdout.readline()
+    if not reply:
+      raise UserError("the PyTorch reference worker (bench/torch_bert.py) exited; check that "
+                      "--torch-python has torch and transformers")
+    return json.loads(reply)
+
+  def run(self) -> float:
+    return self._ask("run")["seconds"]
+
+  def embeddings(self, path: Path) -> np.ndarray:
+    self._ask(f"save {path}")
+    return np.load(path)
+
+  def close(self) -> None:
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.flush()
+    self.proc.wait(timeout=60)
+
+
+def bench_embedder(cfg, num_texts: int, repeats: int, dtypes: list[str], torch_python: str,
+                   out: Path) -> dict:
+  """Tokens/s of the embedder (each dtype) and, with torch_python, of PyTorch BertModel +
+  mean pooling on the same texts: runs alternate (jax dtypes, then torch) `repeats` times,
+  medians are compared; also the largest difference of each dtype's vectors from PyTorch's
+  (all L2-normalised)."""
+  embs = {dt: Embedder.load(cfg.embedder, cfg.embed_max_tokens, cfg.embed_batch_size, dt)
+          for dt in dtypes}
+  emb = embs[dtypes[0]]
   vocab = [w for w in (emb.folder / "vocab.txt").read_text().split() if w.isalpha() and len(w) > 2]
-  texts = [" ".join(rng.choice(vocab, 76)) for _ in range(num_texts)]  # ~80 WordPiece tokens
+  texts = _texts(vocab, num_texts)
   tokens = sum(len(x) for x in emb.tokenize(texts))
-  compile_s = median_time(lambda: emb.embed_texts(texts[:emb.batch_size]), 1)
-  seconds = median_time(lambda: emb.embed_texts(texts), repeats)
-  return {"embedder": cfg.embedder, "dim": emb.dim, "dtype": "float32",
-          "batch_size": emb.batch_size, "max_tokens": emb.max_tokens,
-          "devices": emb.num_devices, "texts": num_texts,
-          "mean_tokens": round(tokens / num_texts, 1), "first_batch_s": round(compile_s, 2),
-          "seconds": round(seconds, 2), "chunks_per_s": round(num_texts / seconds, 1),
-          "tokens_per_s": round(tokens / seconds)}
+  first_s = {dt: median_time(lambda e=e: e.embed_texts(texts), 1) for dt, e in embs.items()}
+  torch = None
+  if torch_python:
+    (out / "texts.json").write_text(json.dumps(texts))
+    torch = TorchReference(torch_python, emb.folder, out / "texts.json", cfg.embed_batch_size,
+                           cfg.embed_max_tokens, threads=os.cpu_count() or 1)
+    torch.run()  # warm-up
+  times: dict[str, list[float]] = {dt: [] for dt in embs}
+  vectors = {}
+  for _ in range(repeats):
+    for dt, e in embs.items():
+      start = time.perf_counter()
+      vectors[dt] = e.embed_texts(texts)
+      times[dt].append(time.perf_counter() - start)
+    if torch is not None:
+      times.setdefault("torch", []).append(torch.run())
+  result = {"embedder": cfg.embedder, "dim": emb.dim, "batch_size": emb.batch_size,
+            "max_tokens": emb.max_tokens, "devices": emb.num_devices, "texts": num_texts,
+            "tokens": tokens, "mean_tokens": round(tokens / num_texts, 1), "repeats": repeats}
+  for dt in embs:
+    s = float(np.median(times[dt]))
+    result[dt] = {"first_run_s": round(first_s[dt], 2), "seconds": round(s, 3),
+                  "seconds_all": [round(t, 3) for t in times[dt]],
+                  "chunks_per_s": round(num_texts / s, 1), "tokens_per_s": round(tokens / s)}
+  if torch is not None:
+    s = float(np.median(times["torch"]))
+    want = torch.embeddings(out / "torch_embeddings.npy")
+    torch.close()
+    result["torch"] = {"impl": "transformers BertModel + mean pooling (+ L2 norm)",
+                       "torch_version": torch.info.get("torch"), "threads": torch.info.get("threads"),
+                       "seconds": round(s, 3), "seconds_all": [round(t, 3) for t in times["torch"]],
+                       "tokens_per_s": round(tokens / s)}
+    for dt in embs:
+      result[dt]["vs_torch"] = round(s / result[dt]["seconds"], 3)
+      result[dt]["max_abs_diff_vs_torch"] = float(np.abs(vectors[dt] - want).max())
+  return result
 
 
-def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dict]:
+def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int, kinds: list[str]
+                ) -> list[dict]:
   data = clustered_unit_vectors(n + num_queries, d, seed=n)
   db, queries = data[:n], data[n:]
-  exact = rindex.build_index(db, cfg.metric, "Flat")
-  _, true_ids = rindex.search(exact, queries, K)
+  metric = rindex.METRICS[cfg.metric]
+  _, true_ids = faiss.knn(queries, db, K, metric)  # exact, without a second copy of db
   rows = []
-  # Every index type at every size; IVF-PQ as `auto` picks it beyond HNSW_MAX vectors.
-  specs = ["Flat", f"HNSW{rindex.HNSW_M}", rindex.ivfpq_factory(n, d, cfg.memory_budget_gb)]
+  # Each index kind at each size: Flat, HNSW32, plain IVF-PQ, refined fast-scan IVF-PQ, and
+  # what `auto` picks (marked "auto": true).
+  auto = rindex.choose_factory(n, d, cfg.memory_budget_gb)
+  kind_specs = {"flat": "Flat", "hnsw": f"HNSW{rindex.HNSW_M}",
+                "ivfpq": rindex.ivfpq_factory(n, d, cfg.memory_budget_gb),
+                "refined": rindex.refined_ivfpq_factory(n, d, cfg.memory_budget_gb), "auto": auto}
+  specs = list(dict.fromkeys(kind_specs[k] for k in kinds if kind_specs.get(k)))
   for spec in specs:
     n_train = rindex.train_count(spec, n)
     train_times, add_times = [], []
@@ -105,7 +200,7 @@ def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dic
     query_s = median_time(lambda: rindex.search(index, queries, K), repeats)
     _, ids = rindex.search(index, queries, K)
     recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, true_ids)])
-    rows.append({"n": n, "d": d, "spec": spec, "metric": cfg.metric,
+    rows.append({"n": n, "d": d, "spec": spec, "auto": spec == auto, "metric": cfg.metric,
                  "train_vectors": n_train if trains else 0,
                  "train_s": round(train_s, 3), "add_s": round(add_s, 3),
                  "add_per_s": round(n / add_s), "queries": num_queries,
@@ -113,18 +208,19 @@ def bench_index(n: int, d: int, cfg, num_queries: int, repeats: int) -> list[dic
                  f"recall_at_{K}": round(float(recall), 4),
                  "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
                  "nprobe": cfg.nprobe if "IVF" in spec else None,
-                 "ef_search": cfg.ef_search if "HNSW" in spec else None})
+                 "ef_search": cfg.ef_search if "HNSW" in spec else None,
+                 "refine_k_factor": rindex.REFINE_K_FACTOR if "RFlat" in spec else None})
   return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  for spec_kind in ("Flat", "HNSW", "IVF"):
-    mine = sorted((r for r in rows if r["spec"].startswith(spec_kind)), key=lambda r: r["n"])
-    if not mine:
-      continue
+  kind = lambda spec: ("IVF-PQ fast-scan + refine" if "RFlat" in spec else
+                       "IVF-PQ" if spec.startswith("IVF") else spec)
+  for spec_kind in dict.fromkeys(kind(r["spec"]) for r in rows):
+    mine = sorted((r for r in rows if kind(r["spec"]) == spec_kind), key=lambda r: r["n"])
     ns = [r["n"] for r in mine]
-    label = mine[-1]["spec"] if spec_kind != "IVF" else "IVF-PQ"
+    label = spec_kind
     axes[0].plot(ns, [r["train_s"] + r["add_s"] for r in mine], "o-", label=label)
     axes[1].plot(ns, [1e3 / r["query_per_s"] for r in mine], "o-", label=label)
     axes[2].plot(ns, [r[f"recall_at_{K}"] for r in mine], "o-", label=label)
@@ -152,6 +248,14 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--texts", type=int, default=1024, help="texts embedded per timing run")
   p.add_argument("--repeats", type=int, default=3, help="timing runs (the median is kept)")
   p.add_argument("--skip-embedder", action="store_true", help="benchmark FAISS only")
+  p.add_argument("--index-kinds", default="flat,hnsw,ivfpq,auto",
+                 help="index kinds per size, comma separated: flat, hnsw, ivfpq, refined, auto")
+  p.add_argument("--embed-dtypes", default="float32",
+                 help="embedder matmul dtypes to time, comma separated (float32, bfloat16)")
+  p.add_argument("--torch-python", default=os.environ.get("RETROZOO_TORCH_PYTHON", ""),
+                 help="a Python with torch + transformers: times PyTorch BertModel + mean "
+                      "pooling on the same texts, alternating with ours (default "
+                      "$RETROZOO_TORCH_PYTHON; empty: skip)")
   args, config = cli.parse(p, argv)
   cfg = (config or base.base_config()).retrieval
   try:
@@ -160,13 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     raise UserError(f"--sizes {args.sizes!r} must be comma-separated integers") from None
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  result = {"bench": "retrieval", "cpus": os.cpu_count(),
+  result = {"bench": "retrieval", "cpus": os.cpu_count(), "cpu_model": cpu_model(),
             "faiss_threads": faiss.omp_get_max_threads(),
             "load_avg_1m_start": round(os.getloadavg()[0], 2)}
   if not args.skip_embedder:
-    result["embedder"] = bench_embedder(cfg, args.texts, args.repeats)
+    result["embedder"] = bench_embedder(cfg, args.texts, args.repeats,
+                                        args.embed_dtypes.split(","), args.torch_python, out)
   d = result.get("embedder", {}).get("dim", base.base_config().model.realm.embedding_dim)
-  rows = [row for n in sizes for row in bench_index(n, d, cfg, args.queries, args.repeats)]
+  kinds = args.index_kinds.split(",")
+  rows = [row for n in sizes for row in bench_index(n, d, cfg, args.queries, args.repeats, kinds)]
   result["auto"] = {str(n): rindex.choose_factory(n, d, cfg.memory_budget_gb) for n in sizes}
   result["index"] = rows
   result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)

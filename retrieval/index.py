@@ -25,11 +25,12 @@ from common.errors import UserError
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 FLAT_MAX = 100_000  # exact search up to here: N queries against N vectors stays cheap
-HNSW_MAX = 1_000_000  # beyond this HNSW construction gets too slow on a few cores
+HNSW_MAX = 300_000  # beyond this HNSW construction gets too slow on a few cores
 HNSW_M = 32
 # Search defaults, the one place they are set (configs/base.py and every loader use these):
 NPROBE = 16  # IVF lists visited per query
 EF_SEARCH = 64  # HNSW candidate list size per query
+REFINE_K_FACTOR = 8  # refined IVF-PQ: k * this many PQ candidates are re-ranked exactly
 _HNSW_BYTES_PER_LINK = 4 * 2 * 1.25  # level-0 links (2M ids of 4 bytes) + upper levels
 _IVF_ID_BYTES = 8  # each IVF entry stores its int64 id beside the PQ code
 _ADD_BATCH = 65536
@@ -51,16 +52,18 @@ def _pq_ms(d: int, top: int = 64) -> list[int]:
 def choose_factory(n: int, d: int, memory_budget_gb: float) -> str:
   """A FAISS factory string for n vectors of width d that fits memory_budget_gb.
 
-  Flat (exact) up to FLAT_MAX vectors, HNSW32 up to HNSW_MAX, else IVF<nlist>,PQ<m> with
-  nlist ~ 4 sqrt(n) and 8-dimensional PQ sub-vectors; each only if it fits the budget
-  (the next, smaller one is tried when it does not).
+  Flat (exact) up to FLAT_MAX vectors, HNSW32 up to HNSW_MAX, else refined IVF-PQ
+  (`refined_ivfpq_factory`: 4-bit fast-scan PQ candidates re-ranked exactly against the
+  stored vectors), else plain IVF<nlist>,PQ<m> with nlist ~ 4 sqrt(n) and 8-dimensional PQ
+  sub-vectors; each only if it fits the budget (the next, smaller one is tried when it
+  does not). docs/index.md has each choice's measured recall, speed and bytes.
   """
   budget = memory_budget_gb * 2**30
   if n <= FLAT_MAX and n * d * 4 <= budget:
     return "Flat"
   if n <= HNSW_MAX and n * (d * 4 + HNSW_M * _HNSW_BYTES_PER_LINK) <= budget:
     return f"HNSW{HNSW_M}"
-  spec = ivfpq_factory(n, d, memory_budget_gb)
+  spec = refined_ivfpq_factory(n, d, memory_budget_gb) or ivfpq_factory(n, d, memory_budget_gb)
   if spec is None:
     raise UserError(f"{n} vectors of width {d} do not fit retrieval.memory_budget_gb="
                     f"{memory_budget_gb} even as IVF-PQ codes; raise the budget or keep the lists "
@@ -75,6 +78,20 @@ def ivfpq_factory(n: int, d: int, memory_budget_gb: float) -> str | None:
     if n * (m + _IVF_ID_BYTES) + nlist * d * 4 <= memory_budget_gb * 2**30:
       return f"IVF{nlist},PQ{m}"
   return None
+
+
+def refined_ivfpq_factory(n: int, d: int, memory_budget_gb: float) -> str | None:
+  """IVF<nlist>,PQ<m>x4fs,RFlat: fast-scan PQ (4-bit codes, 4 dims per sub-quantizer)
+  proposes k * REFINE_K_FACTOR candidates, re-ranked by exact distances to the stored
+  float32 vectors; nlist ~ sqrt(n) (fast-scan lists are cheap to scan, fewer centroids
+  train faster). None if the stored vectors do not fit the budget."""
+  if d % 4:
+    return None
+  nlist = max(1, ivf_nlist(n) // 4)
+  m = d // 4
+  if n * (d * 4 + m / 2 + _IVF_ID_BYTES) + nlist * d * 4 > memory_budget_gb * 2**30:
+    return None
+  return f"IVF{nlist},PQ{m}x4fs,RFlat"
 
 
 def _check_spec(spec: str, d: int, n_train: int) -> None:
@@ -163,8 +180,13 @@ def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
   return index
 
 
-def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> None:
-  """nprobe for IVF indexes, efSearch for HNSW (the index or an IVF's coarse quantizer)."""
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int,
+                      refine_k_factor: int = REFINE_K_FACTOR) -> None:
+  """nprobe for IVF indexes, efSearch for HNSW (the index or an IVF's coarse quantizer),
+  k_factor for a refined index (`...,RFlat`)."""
+  refine = faiss.downcast_index(index)
+  if isinstance(refine, faiss.IndexRefine):
+    refine.k_factor = refine_k_factor
   params = faiss.ParameterSpace()
   if faiss.try_extract_index_ivf(index) is not None:
     params.set_index_parameter(index, "nprobe", nprobe)

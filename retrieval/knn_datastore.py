@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
+import faiss
 import ml_collections
 import numpy as np
 
@@ -38,6 +39,10 @@ class KnnDatastore:
     self.keys = np.load(directory / "keys.npy", mmap_mode="r")
     self.values = np.load(directory / "values.npy", mmap_mode="r")
     self.index = index_lib.load_index(directory / "index.faiss", nprobe, ef_search)
+    # Distances from a Flat index or a refined one (`...,RFlat`) are exact squared L2 to the
+    # float32 values of the stored float16 keys already: re-ranking them again is a no-op.
+    self.exact_distances = isinstance(faiss.downcast_index(self.index),
+                                      (faiss.IndexFlat, faiss.IndexRefine))
 
   @classmethod
   def load(cls, directory: str | os.PathLike, expected_inputs: Mapping[str, str], hint: str,
@@ -54,12 +59,15 @@ class KnnDatastore:
     """(squared L2 distances float32 [N, k], next tokens int32 [N, k]), nearest first.
 
     exact=True recomputes the distances from the stored keys (the index may be
-    approximate) and re-sorts. Missing hits have distance +inf and token 0.
+    approximate) and re-sorts; an index that already re-ranks its candidates by exact
+    distances to the stored keys (Flat, or refined `...,RFlat`: `exact_distances`) returns
+    them as they are. Missing hits have distance +inf and token 0.
     """
     q_NxD = np.ascontiguousarray(queries_NxD, np.float32)
     dists_NxK, ids_NxK = index_lib.search(self.index, q_NxD, k)
     live_NxK = ids_NxK >= 0
     safe_NxK = np.where(live_NxK, ids_NxK, 0)
+    exact = exact and not self.exact_distances
     if exact:
       keys_NxKxD = np.asarray(self.keys[safe_NxK.reshape(-1)], np.float32).reshape(
           *safe_NxK.shape, -1)

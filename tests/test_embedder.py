@@ -252,3 +252,17 @@ def test_equals_pytorch_bert_mean_pooling(minilm):
   mean = (hidden * mask).sum(1) / mask.sum(1)
   want = torch.nn.functional.normalize(mean, dim=-1).numpy()
   np.testing.assert_allclose(minilm.embed_texts(SENTENCES), want, atol=1e-4)
+
+
+def test_bfloat16_matmuls_close_to_float32_and_hashed(tmp_path):
+  """The lower-precision paths (opt-in) stay near float32 and get their own artifact hash;
+  float32 keeps the hash it had (existing embeddings stay valid)."""
+  folder = write_tiny_bert(tmp_path / "bert", pooling={"mean_tokens": True}, normalize=True)
+  f32 = Embedder.load(str(folder), 32, 8)
+  want = f32.embed_texts(SENTENCES)
+  for dtype in ("bfloat16", "bfloat16_ffn"):
+    low = Embedder.load(str(folder), 32, 8, dtype)
+    assert low.hash != f32.hash
+    np.testing.assert_allclose(low.embed_texts(SENTENCES), want, atol=3e-2)
+  with pytest.raises(UserError, match="dtype"):
+    Embedder.load(str(folder), 32, 8, "float16")

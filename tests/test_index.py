@@ -21,6 +21,15 @@ def clustered(n: int, d: int, seed: int, clusters: int = 64, rank: int = 4) -> n
   return x.astype(np.float32)
 
 
+@pytest.fixture
+def one_faiss_thread():
+  """Tiny indexes: one OpenMP thread is faster, and far faster on a loaded machine."""
+  threads = faiss.omp_get_max_threads()
+  faiss.omp_set_num_threads(1)
+  yield
+  faiss.omp_set_num_threads(threads)
+
+
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str):
   x64, q64 = x.astype(np.float64), q.astype(np.float64)
   if metric == "ip":
@@ -50,7 +59,7 @@ def test_flat_equals_numpy_top_k(metric):
 
 
 @pytest.mark.parametrize("metric,min_recall", [("l2", 0.9), ("ip", 0.85)])
-def test_ivfpq_recall_against_exact(metric, min_recall):
+def test_ivfpq_recall_against_exact(metric, min_recall, one_faiss_thread):
   x = clustered(20_500, 64, seed=0)
   if metric == "ip":
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -61,6 +70,21 @@ def test_ivfpq_recall_against_exact(metric, min_recall):
   _, ids = rindex.search(index, q, k=10)
   _, true_ids = brute_force(db, q, 10, metric)
   assert recall_at(ids, true_ids) >= min_recall
+
+
+def test_refined_ivfpq_recall_and_exact_distances(one_faiss_thread):
+  """Fast-scan PQ candidates re-ranked against the stored vectors: high recall, and the
+  distances returned are the exact inner products of the ids returned."""
+  x = clustered(5_100, 64, seed=8)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  db, q = x[:5_000], x[5_000:]
+  spec = rindex.refined_ivfpq_factory(len(db), 64, 4.0)
+  assert spec == "IVF32,PQ16x4fs,RFlat"
+  index = rindex.build_index(db, metric="ip", spec=spec, nprobe=8)
+  assert faiss.downcast_index(index).k_factor == rindex.REFINE_K_FACTOR
+  dists, ids = rindex.search(index, q, k=10)
+  assert recall_at(ids, brute_force(db, q, 10, "ip")[1]) >= 0.95
+  np.testing.assert_allclose(dists, np.einsum("qd,qkd->qk", q, db[ids]), rtol=1e-5, atol=1e-5)
 
 
 def test_hnsw_recall_and_ef_search():
@@ -99,7 +123,9 @@ def test_save_load_round_trip(tmp_path, spec):
 
 def test_choose_factory_by_size_and_budget():
   assert rindex.choose_factory(10_000, 384, 4.0) == "Flat"
-  assert rindex.choose_factory(500_000, 384, 4.0) == "HNSW32"
+  assert rindex.choose_factory(200_000, 384, 4.0) == "HNSW32"
+  assert rindex.choose_factory(1_000_000, 384, 4.0) == "IVF1024,PQ96x4fs,RFlat"
+  assert rindex.choose_factory(1_000_000, 384, 1.0) == "IVF4096,PQ48"  # raw vectors exceed 1 GB
   assert rindex.choose_factory(5_000_000, 384, 4.0) == "IVF8192,PQ48"
   assert rindex.choose_factory(50_000, 384, 0.01) == "IVF1024,PQ48"  # Flat exceeds 10 MB
   assert rindex.choose_factory(50_000, 64, 0.0009) == "IVF1024,PQ4"
