@@ -21,15 +21,6 @@ def clustered(n: int, d: int, seed: int, clusters: int = 64, rank: int = 4) -> n
   return x.astype(np.float32)
 
 
-@pytest.fixture
-def one_faiss_thread():
-  """Tiny indexes: one OpenMP thread is faster, and far faster on a loaded machine."""
-  threads = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(threads)
-
-
 def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str):
   x64, q64 = x.astype(np.float64), q.astype(np.float64)
   if metric == "ip":
@@ -59,7 +50,7 @@ def test_flat_equals_numpy_top_k(metric):
 
 
 @pytest.mark.parametrize("metric,min_recall", [("l2", 0.9), ("ip", 0.85)])
-def test_ivfpq_recall_against_exact(metric, min_recall, one_faiss_thread):
+def test_ivfpq_recall_against_exact(metric, min_recall):
   x = clustered(20_500, 64, seed=0)
   if metric == "ip":
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -72,7 +63,7 @@ def test_ivfpq_recall_against_exact(metric, min_recall, one_faiss_thread):
   assert recall_at(ids, true_ids) >= min_recall
 
 
-def test_refined_ivfpq_recall_and_exact_distances(one_faiss_thread):
+def test_refined_ivfpq_recall_and_exact_distances():
   """Fast-scan PQ candidates re-ranked against the stored vectors: high recall, and the
   distances returned are the exact inner products of the ids returned."""
   x = clustered(5_100, 64, seed=8)
