@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
-import pytest
 
 from retrieval import index as rindex
 from retrieval import knn_datastore
-
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-  """Tiny indexes: one OpenMP thread is faster, and far faster on a loaded machine."""
-  threads = faiss.omp_get_max_threads()
-  faiss.omp_set_num_threads(1)
-  yield
-  faiss.omp_set_num_threads(threads)
 
 
 def _store(tmp_path, spec: str, n: int = 6000, d: int = 32) -> knn_datastore.KnnDatastore:
