@@ -3,9 +3,10 @@
 Prints a table and writes its rows to `<workdir>/eval_<split>.json`: one row per evaluation
 variant of the model's family (RETRO and In-Context RALM with and without retrieval), plus
 `--datastore` swapped in without retraining (`--heldout keep` lets other editions of the
-validation texts into it), kNN-LM with `--lam/--k/--temperature` and a lambda sweep (table
-and `knn_sweep.png`), `--k` retrieved items per query, `--verify` to recompute the checksums of
-every cached artifact it loads, and `--model` to evaluate the parameters as another family
+validation texts into it), `--without GLOB` documents removed from the datastore (an
+opt-out, beside the full datastore; `python -m retrieval.edit`), kNN-LM with
+`--lam/--k/--temperature` and a lambda sweep (table and `knn_sweep.png`), `--k` retrieved
+items per query, `--verify` to recompute the checksums of every cached artifact it loads, and `--model` to evaluate the parameters as another family
 that fits them:
 
     python eval.py --workdir runs/baseline_small --model incontext --k 1 \
@@ -30,6 +31,7 @@ from common import cli
 from common import artifacts
 from common.artifacts import atomic_write_text
 from common.errors import UserError, cli_main
+from retrieval import build, edit
 from training import bundle
 from training.checkpoint import restore_meta
 from training.evaluation import evaluate, format_table
@@ -56,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   p.add_argument("--heldout", choices=("drop", "keep"), default=None,
                  help="drop (or keep: leakage) datastore documents named like a "
                       "validation document (default: as trained)")
+  p.add_argument("--without", action="append", default=[],
+                 help="also evaluate with these datastore documents removed, no retraining "
+                      "(an id, a glob such as 'milton/*', or @FILE of them; repeatable), "
+                      "beside the full datastore (python -m retrieval.edit)")
   p.add_argument("--knn", action="store_true", help="kNN-LM: interpolate with a datastore")
   p.add_argument("--lam", type=float, default=None, help="kNN-LM interpolation weight")
   p.add_argument("--k", type=int, default=None,
@@ -104,6 +110,8 @@ def _run(args) -> list[dict]:
     r = evaluate(args.workdir, datastore=args.datastore, drop_heldout=drop, write=False, **common)
     held = f", held-out editions {args.heldout}" if args.heldout else ""
     results.append({**r, "variant": f"{name}, datastore {r['datastore']}{held}"})
+  if args.without:
+    results += _without_rows(args, name, knn, common)
   print(format_table(results))
   if not args.no_overlap:
     print(format_buckets(results))
@@ -111,6 +119,25 @@ def _run(args) -> list[dict]:
   atomic_write_text(out, json.dumps([json_ready(r) for r in results], indent=2))
   print(f"wrote {out}")
   return results
+
+
+def _without_rows(args, name: str, knn: dict | None, common: dict) -> list[dict]:
+  """The opt-out rows: the full editable datastore, then without `args.without`."""
+  config = configs.from_json(restore_meta(args.workdir, args.step)["config"])
+  config.model.name = name
+  rows = []
+  drop = None if args.heldout is None else args.heldout == "drop"
+  if build.retrieval_request(config) is not None:  # the full datastore, packed by document
+    full = args.datastore or edit.parent_spec(config)
+    r = evaluate(args.workdir, datastore=full, drop_heldout=drop, write=False, **common)
+    rows.append({**r, "variant": f"{name}, datastore {full} (full, version {r['datastore_version']})"})
+  else:
+    full = None
+  r = evaluate(args.workdir, datastore=full, drop_heldout=drop, knn=knn, without=args.without,
+               write=False, **common)
+  version = f", version {r['datastore_version']}" if "datastore_version" in r else ""
+  rows.append({**r, "variant": f"{name}, without {' '.join(args.without)}{version}"})
+  return rows
 
 
 if __name__ == "__main__":

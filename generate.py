@@ -22,7 +22,7 @@ from typing import Sequence
 
 from common import cli
 from common.errors import cli_main
-from inference import Generation, format_generation, generate
+from inference import Generation, format_attribution, format_generation, generate
 
 __all__ = ["generate", "format_generation", "Generation", "main"]
 
@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
   p.add_argument("--neighbours", type=int, default=None,
                  help="datastore items retrieved per query (REALM candidates, RETRO and "
                       "In-Context RALM documents; default as trained)")
+  p.add_argument("--datastore", default=None,
+                 help="retrieve from this datastore (corpus spec or edited version) instead")
+  p.add_argument("--without", action="append", default=[],
+                 help="remove these datastore documents first (id, glob or @FILE; repeatable)")
   p.add_argument("--keep-eos", action="store_true", help="continue past the end of a document")
   p.add_argument("--json", default=None, help="also write the generations to this JSON file")
   args, _ = cli.parse(p, argv)
@@ -61,9 +65,11 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
   generations = generate(args.workdir, args.prompt, args.max_tokens, args.temperature,
                          args.top_k, args.top_p, args.seed, step=args.step,
                          retrieval=not args.no_retrieval, knn=knn, k=args.neighbours,
-                         stop_at_eos=not args.keep_eos)
+                         stop_at_eos=not args.keep_eos, datastore=args.datastore,
+                         without=args.without)
   for g in generations:
     print(format_generation(g), end="\n\n")
+    print(format_attribution(g), end="\n\n")
   if args.json:
     Path(args.json).write_text(json.dumps([g.to_json() for g in generations], indent=2))
     print(f"wrote {args.json}")

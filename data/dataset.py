@@ -292,10 +292,12 @@ def _build(splits: dict[str, corpora.Stream], tok: tokenizer_lib.Tokenizer,
                              vocab_size=tok.vocab_size, tfds_builder=builder.name)
 
 
-def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: str
-         ) -> dict[str, int]:
+def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: str,
+         align: int = 1) -> dict[str, int]:
   """Writes `<name>.tokens.npy`, `<name>.token_doc.npy` and `<name>.doc_ids.json` into
-  `work`: each document's tokens then EOS. The documents are streamed into an on-disk text
+  `work`: each document's tokens then EOS, padded with 0 (of that document) to a multiple
+  of `align` tokens (a datastore's chunk size: every chunk then holds one document). The
+  documents are streamed into an on-disk text
   store, tokenized DOCS_PER_SHARD at a time by the pipeline (resumable shards, in parallel
   with several workers) and joined through a memmap: memory does not grow with the corpus.
   Returns the split's document and token counts."""
@@ -314,13 +316,15 @@ def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: s
   def compute(d0: int, d1: int) -> dict[str, np.ndarray]:
     offsets_D = np.load(offsets_path, mmap_mode="r")
     text = np.memmap(text_path, np.uint8, "r")  # documents are never empty
-    parts = [np.asarray([*ids, eos], np.int32) for ids in tok.encode_batch(
-        [bytes(text[offsets_D[i]:offsets_D[i + 1]]).decode() for i in range(d0, d1)])]
+    parts = [np.asarray([*ids, eos, *[0] * (-(len(ids) + 1) % align)], np.int32)
+             for ids in tok.encode_batch([bytes(text[offsets_D[i]:offsets_D[i + 1]]).decode()
+                                          for i in range(d0, d1)])]
     return {"tokens": np.concatenate(parts),
             "token_doc": np.repeat(np.arange(d0, d1, dtype=np.int32), [len(p) for p in parts])}
 
   arrays = shards.sharded_rows(stage, len(docs), DOCS_PER_SHARD, compute,
-                               desc=f"tokenizing {name}", unit="doc", job={"tokenizer": tok.hash})
+                               desc=f"tokenizing {name}", unit="doc",
+                               job={"tokenizer": tok.hash, "align": align})
   tokens = int(arrays["tokens"].shape[0])
   del arrays
   for array in ("tokens", "token_doc"):

@@ -8,8 +8,9 @@ types), `inference.stores` (chunk and kNN-LM datastores for retrieval while samp
 The decoding loops themselves are the families' (`models/<family>.py: sample`).
 """
 
-from inference.generation import Context, format_generation, generate
+from inference.generation import (Context, attribution, format_attribution, format_generation,
+                                  generate)
 from inference.sampling import ChunkCitation, Generation, Neighbour, Sampler
 
 __all__ = ["Context", "ChunkCitation", "Generation", "Neighbour", "Sampler", "generate",
-           "format_generation"]
+           "format_generation", "attribution", "format_attribution"]

@@ -17,6 +17,8 @@ prompt ends), so all rows share the chunk and stride boundaries.
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import functools
 import os
@@ -35,6 +37,8 @@ from inference import sampling
 from inference.sampling import ChunkCitation, Generation, Neighbour, Sampler
 from inference.stores import ChunkStore, KnnStore, chunk_store
 from models.layers import Spec
+from retrieval import build, edit
+from retrieval import knn_datastore as knn_lib
 from training import bundle, checkpoint
 from training.evaluation import check_data, knn_datastore, knn_settings
 
@@ -130,7 +134,8 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
              prompts: Sequence[str], max_tokens: int = 128, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, step: int | None = None,
              retrieval: bool = True, knn: Mapping[str, Any] | bool | None = None,
-             k: int | None = None, stop_at_eos: bool = True) -> list[Generation]:
+             k: int | None = None, stop_at_eos: bool = True, datastore: str | None = None,
+             without: Sequence[str] = ()) -> list[Generation]:
   """Samples a continuation of every prompt (batched), with retrieval and citations.
 
   Args:
@@ -147,6 +152,10 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
     k: items retrieved per query (REALM candidates, RETRO / In-Context documents); default
       config.eval.num_neighbours, or model.num_neighbours when that is 0.
     stop_at_eos: end a continuation at the first EOS (the end of a document).
+    datastore: retrieve from this datastore (a corpus spec or version) instead.
+    without: document ids or globs removed from the datastore first (`retrieval.edit`; the
+      training split's documents for a model that retrieves from its training split) and
+      from the kNN-LM datastore (`knn_datastore.without`): nothing of them is cited.
   Returns:
     One `Generation` per prompt, in order: text, token ids and log-probs, citations.
   """
@@ -168,15 +177,23 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
   k = (config.eval.num_neighbours or config.model.num_neighbours) if k is None else k
   if k < 1:
     raise UserError(f"k={k} must be >= 1 (datastore items retrieved per query)")
+  if datastore is not None or without:
+    config = copy.deepcopy(config)
+    config.retrieval.datastore = config.retrieval.datastore if datastore is None else datastore
   prepared = dataset.prepare(config)
   if meta is not None:
     check_data(meta, prepared.hashes, Path(source))
+  if without and build.retrieval_request(config) is not None:
+    config.retrieval.datastore = str(edit.edit_datastore(config, prepared, without).directory)
   tok = prepared.tokenizer
   prompt_ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
   lockstep = sampling.Lockstep(prompt_ids, int(max_tokens), tok.eos_id, stop_at_eos)
 
   def knn_store() -> KnnStore:
     store, _ = knn_datastore(config, params, prepared, meta["step"] if meta else None)
+    if without:
+      store = knn_lib.without(store, prepared.train, without, config.retrieval.nprobe,
+                              config.retrieval.ef_search)
     return KnnStore(store, prepared.train, tok)
 
   ctx = Context(config=config, params=params, lockstep=lockstep, sampler=sampler,
@@ -194,6 +211,33 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
         citations=_chunk_citations(int(lockstep.len_B[b]), ids, m, tok,
                                    functools.partial(cited, b))))
   return out
+
+
+def attribution(g: Generation) -> list[dict[str, Any]]:
+  """Which datastore documents a generation's citations came from: per document, the
+  retrieved items (chunks, kNN-LM entries, candidates) that conditioned it, their share of
+  all of them, and the chunks of the generation they conditioned; most cited first."""
+  items: dict[str, int] = collections.Counter()
+  spans: dict[str, set[int]] = collections.defaultdict(set)
+  for i, c in enumerate(g.citations):
+    for n in c.neighbours:
+      items[n.doc_id] += 1
+      spans[n.doc_id].add(i)
+  total = sum(items.values())
+  return [{"doc_id": doc_id, "items": count, "share": count / total,
+           "chunks": len(spans[doc_id])} for doc_id, count in items.most_common()]
+
+
+def format_attribution(g: Generation) -> str:
+  """`attribution` as a table."""
+  rows = attribution(g)
+  if not rows:
+    return "attribution: no retrieved text conditioned this generation"
+  width = max(len("document"), *(len(r["doc_id"]) for r in rows))
+  lines = [f"{'document':<{width}}  items   share  chunks"]
+  lines += [f"{r['doc_id']:<{width}}  {r['items']:>5}  {r['share']:>6.1%}  {r['chunks']:>6}"
+            for r in rows]
+  return "\n".join(lines)
 
 
 def format_generation(g: Generation, snippet: int = 100) -> str:

@@ -29,9 +29,8 @@ class ChunkStore:
     self.tokenizer = prepared.tokenizer
     self.store = datastore.load_datastore(config, prepared)
     self.embedder = datastore.load_embedder(config)
-    self.embeddings_NxE, emb_hash = datastore.chunk_embeddings(
-        config, self.store.split, self.tokenizer, self.embedder)
-    self.index, _ = datastore.datastore_index(config, self.embeddings_NxE, emb_hash)
+    self.embeddings_NxE, _, self.index, _ = datastore.store_vectors(config, prepared, self.store,
+                                                                    self.embedder)
     split = self.store.split
     self.m = split.chunk_size
     self.align = config.retrieval.align_neighbours
@@ -93,8 +92,8 @@ class KnnStore:
   def __init__(self, store: knn_lib.KnnDatastore, split: dataset.TokenSplit,
                tokenizer: Any):
     self.store, self.split, self.tokenizer = store, split, tokenizer
-    targets = np.asarray(split.tokens[1:split.num_sequences * split.seq_len + 1])
-    self.position_E = np.flatnonzero(targets) + 1  # stream position of each entry's token
+    self.position_E = (knn_lib.entry_positions(split) if store.positions is None
+                       else np.asarray(store.positions))  # each entry's token's position
     if len(self.position_E) != store.keys.shape[0]:
       raise UserError(f"the kNN-LM datastore {store.directory} has {store.keys.shape[0]} "
                       f"entries but the {split.name} split has {len(self.position_E)} targets; "

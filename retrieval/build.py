@@ -37,7 +37,7 @@ from common.errors import UserError, cli_main
 from data import dataset
 from models import family as family_lib
 from models import layers
-from retrieval import candidates, core, datastore, neighbours, pipeline
+from retrieval import candidates, core, datastore, neighbours, patch, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +48,21 @@ class Builder:
   check: Callable[..., None]  # (config, request, embedder): UserError on a bad request
   queries: Callable[..., np.ndarray]  # (config, prepared, split, embedder, request)
   search: Callable[..., dict[str, np.ndarray]]  # (config, request, dir, split, queries, ...)
+  rows: Callable[..., Callable[[np.ndarray], dict[str, np.ndarray]]]  # the search of some rows
+  dists: str  # the array of scores (best first; a missing item scores worst)
   per_query: tuple[str, ...] = ()  # arrays without a K axis (`core.Retrieved.per_query`)
 
 
 BUILDERS = {
     "neighbours": Builder(neighbours.ARTIFACT, neighbours.IDS, neighbours.check,
-                          neighbours.queries, neighbours.search),
+                          neighbours.queries, neighbours.search, neighbours.rows,
+                          "neighbour_dists"),
     "candidates": Builder(candidates.ARTIFACT, candidates.IDS, candidates.check,
-                          candidates.queries, candidates.search, (candidates.QUERIES,)),
+                          candidates.queries, candidates.search, candidates.rows,
+                          "candidate_scores", (candidates.QUERIES,)),
 }
+
+Search = Callable[..., dict[str, np.ndarray]]  # a Builder.search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +132,22 @@ def rebuild_hint(config: ml_collections.ConfigDict, directory: Path) -> str:
           f"(or delete {directory})")
 
 
+def _artifact_dir(config: ml_collections.ConfigDict, kind: str, inputs: dict[str, str]) -> Path:
+  return artifacts_lib.cache_root(config.data.cache_dir) / kind / artifacts_lib.fingerprint(inputs)
+
+
 def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
                     request: family_lib.RetrievalSpec,
                     store: datastore.Datastore | None = None,
-                    splits: Sequence[str] | None = None) -> core.Retrieved:
+                    splits: Sequence[str] | None = None, search: Search | None = None,
+                    **manifest: object) -> core.Retrieved:
   """The arrays `request` (a `models.family.RetrievalSpec`) asks for, for `splits`, cached.
 
   Embeds the datastore chunks and every split's queries, builds the index, then searches
-  and materialises per split with the builder of `request.kind`.
+  and materialises per split with the builder of `request.kind` (or `search`, with the
+  builder's arguments; `manifest`: what else its manifest records). A datastore version
+  edited from another (`retrieval.edit`) whose arrays are cached copies them and searches
+  again only the rows the edit can change (`patch.patched_search`).
   """
   if request.kind not in BUILDERS:
     raise ValueError(f"request kind must be one of {', '.join(BUILDERS)}, got {request.kind!r}")
@@ -148,31 +162,37 @@ def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepare
   embedder = datastore.load_embedder(config)
   builder.check(config, request, embedder)
   t0 = time.perf_counter()
-  store_NxE, store_emb_hash = datastore.chunk_embeddings(config, store.split, prepared.tokenizer,
-                                                         embedder)
+  store_NxE, _ = datastore.store_embeddings(config, prepared, store, embedder)
   queries = {name: builder.queries(config, prepared, prepared.split(name), embedder, request)
              for name in splits}
   t1 = time.perf_counter()
-  index, index_hash = datastore.datastore_index(config, store_NxE, store_emb_hash)
+  _, _, index, index_hash = datastore.store_vectors(config, prepared, store, embedder)
   timings.update(embed_s=t1 - t0, index_s=time.perf_counter() - t1)
   inputs = retrieval_inputs(config, prepared, store, embedder.hash, index_hash, request, splits)
   kind = builder.artifact
-  final = artifacts_lib.cache_root(config.data.cache_dir) / kind / artifacts_lib.fingerprint(
-      inputs)
+  final = _artifact_dir(config, kind, inputs)
   if artifacts_lib.read_manifest(final) is None:
     print(f"building {kind} {final}", flush=True)
+    parent = datastore.parent_of(config, prepared, store)
+    if search is None and parent is not None:  # an edited version: patch its parent's rows
+      parent_index_hash = datastore.store_vectors(config, prepared, parent.store, embedder)[3]
+      parent_dir = _artifact_dir(config, kind, retrieval_inputs(
+          config, prepared, parent.store, embedder.hash, parent_index_hash, request, splits))
+      if artifacts_lib.read_manifest(parent_dir) is not None:
+        search = patch.patched_search(builder, parent_dir, parent, store, r.metric)
+        manifest = {**manifest, "patched_from": parent_dir.name}
     with artifacts_lib.building(final) as work:
       shapes, unfilled = {}, {}
       for name in splits:
-        arrays = builder.search(config, request, work / name, prepared.split(name),
-                                queries[name], store, store_NxE, index, timings)
+        arrays = (search or builder.search)(config, request, work / name, prepared.split(name),
+                                            queries[name], store, store_NxE, index, timings)
         shapes[name] = {key: list(a.shape) for key, a in arrays.items()}
         unfilled[name] = float(np.mean(np.asarray(arrays[builder.ids]) < 0))
       artifacts_lib.write_manifest(
           work, kind, inputs, datastore=store.spec or "train split",
           datastore_chunks=int(store.split.num_chunks), shapes=shapes,
           unfilled_fraction=unfilled, metric=r.metric, request=dataclasses.asdict(request),
-          timings={key: round(v, 3) for key, v in timings.items()})
+          timings={key: round(v, 3) for key, v in timings.items()}, **manifest)
   else:
     print(f"reusing cached {kind} {final}", flush=True)
   return core.load_retrieved(final, inputs, rebuild_hint(config, final), request.batch_keys,

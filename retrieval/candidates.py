@@ -62,26 +62,23 @@ def queries(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
   return chunks_NxE[:split.num_sequences * C:C]
 
 
-def realm_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSplit,
-                store: dataset.TokenSplit, store_embeddings_NxE: np.ndarray, index, k: int,
-                overfetch: int, metric: str, timings: dict[str, float] | None = None,
-                length: int | None = None) -> dict[str, np.ndarray]:
-  """REALM candidates of every sequence of `split`: the query is its first chunk.
-
-  `queries_NxE` holds one query per sequence (row s = sequence s); `store_embeddings_NxE`
-  the datastore chunk embeddings the index was built on (saved as stale candidate vectors);
-  `length`: tokens per candidate (default: the chunk size).
-  """
+def candidate_rows(queries_NxE: np.ndarray, split: dataset.TokenSplit,
+                   store: dataset.TokenSplit, store_embeddings_NxE: np.ndarray, index, k: int,
+                   overfetch: int, metric: str, timings: dict[str, float] | None = None,
+                   length: int | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """rows(seq_S) -> the candidate arrays (`realm_split`) of the sequences seq_S."""
   L = split.seq_len
   length = store.chunk_size if length is None else length
   codes_D = core.doc_codes(split.doc_ids, store.doc_ids)
   chunk_doc_N = np.asarray(store.chunk_doc())
   timings = {} if timings is None else timings
 
-  def compute(s0: int, s1: int) -> dict[str, np.ndarray]:
-    starts = np.arange(s0, s1) * L
+  def rows(seq_S: np.ndarray) -> dict[str, np.ndarray]:
+    seq_S = np.asarray(seq_S, np.int64)
+    starts = seq_S * L
+    queries_SxE = np.asarray(queries_NxE[seq_S], np.float32)
     t0 = time.perf_counter()
-    ids_SxK, scores_SxK = core.retrieve(index, queries_NxE[s0:s1],
+    ids_SxK, scores_SxK = core.retrieve(index, queries_SxE,
                                         core.query_docs(split.token_doc, codes_D, starts,
                                                         starts + L),
                                         chunk_doc_N, k, overfetch, metric)
@@ -93,13 +90,40 @@ def realm_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSp
                                             store.chunk_size, length),
            "candidate_embeddings": np.where(live_SxK[..., None], vecs_SxKxE, 0).astype(np.float32),
            "candidate_scores": scores_SxK,
-           QUERIES: np.asarray(queries_NxE[s0:s1], np.float32)}
+           QUERIES: queries_SxE}
     timings["search_s"] = timings.get("search_s", 0.0) + t1 - t0
     timings["materialise_s"] = timings.get("materialise_s", 0.0) + time.perf_counter() - t1
     return out
 
-  return shards.sharded_rows(directory, split.num_sequences, SEQUENCES_PER_SHARD, compute,
+  return rows
+
+
+def realm_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSplit,
+                store: dataset.TokenSplit, store_embeddings_NxE: np.ndarray, index, k: int,
+                overfetch: int, metric: str, timings: dict[str, float] | None = None,
+                length: int | None = None) -> dict[str, np.ndarray]:
+  """REALM candidates of every sequence of `split`: the query is its first chunk.
+
+  `queries_NxE` holds one query per sequence (row s = sequence s); `store_embeddings_NxE`
+  the datastore chunk embeddings the index was built on (saved as stale candidate vectors);
+  `length`: tokens per candidate (default: the chunk size).
+  """
+  rows = candidate_rows(queries_NxE, split, store, store_embeddings_NxE, index, k, overfetch,
+                        metric, timings, length)
+  return shards.sharded_rows(directory, split.num_sequences, SEQUENCES_PER_SHARD,
+                             lambda s0, s1: rows(np.arange(s0, s1)),
                              desc=f"REALM candidates ({split.name})", unit="seq")
+
+
+def rows(config: ml_collections.ConfigDict, request: family.RetrievalSpec,
+         split: dataset.TokenSplit, queries_NxE: np.ndarray, store: datastore_lib.Datastore,
+         store_NxE: np.ndarray, index, timings: dict[str, float]
+         ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """The builder's row function (build.py, patch.py): `candidate_rows` with the config's
+  settings."""
+  r = config.retrieval
+  return candidate_rows(queries_NxE, split, store.split, store_NxE, index, request.k,
+                        r.overfetch, r.metric, timings, length=request.length)
 
 
 def search(config: ml_collections.ConfigDict, request: family.RetrievalSpec, directory: Path,

@@ -221,7 +221,8 @@ class Embedder:
 
   def embed_chunks_to_file(self, chunks_Nx64: np.ndarray, lm_tokenizer: LMTokenizer,
                            out_dir: str | os.PathLike, shard_size: int = 16384,
-                           rebuild: str = "") -> np.ndarray:
+                           rebuild: str = "",
+                           reuse: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Resumable `embed_chunks`: float32 [N, dim] memmap of `out_dir/embeddings.npy`.
 
     The shards are written by the shared writer (`shards.sharded_rows`) into
@@ -229,7 +230,9 @@ class Embedder:
     other inputs are discarded); when all are done they are joined, a manifest is written
     and the directory is committed. A committed `out_dir` with the same inputs is reused
     once its files check out (`artifacts.check_files`; `rebuild` names the command that
-    rebuilds it in the error).
+    rebuilds it in the error). `reuse` = (rows_N, embeddings_MxE): chunk n is row rows_N[n]
+    of embeddings_MxE already (the same chunk under this embedder), embedded only where -1
+    (an edited datastore embeds only its new chunks: `retrieval.edit`).
     """
     out_dir = Path(out_dir)
     inputs = {"embedder": self.hash, "chunks": _array_hash(chunks_Nx64),
@@ -240,11 +243,22 @@ class Embedder:
       return np.load(out_dir / "embeddings.npy", mmap_mode="r")
     work = artifacts.partial_dir(out_dir)
     n = len(chunks_Nx64)
-    shards.sharded_rows(
-        work, n, shard_size,
-        lambda s0, s1, bar: {"embeddings": self.embed_chunks(chunks_Nx64[s0:s1], lm_tokenizer,
-                                                              bar)},
-        desc="embed chunks", unit="chunk", job=inputs, compute_advances_bar=True)
+
+    def compute(s0: int, s1: int, bar: tqdm) -> dict[str, np.ndarray]:
+      if reuse is None:
+        return {"embeddings": self.embed_chunks(chunks_Nx64[s0:s1], lm_tokenizer, bar)}
+      rows_S = np.asarray(reuse[0][s0:s1])
+      have_S = rows_S >= 0
+      out_SxE = np.empty((s1 - s0, self.dim), np.float32)
+      out_SxE[have_S] = reuse[1][rows_S[have_S]]
+      bar.update(int(have_S.sum()))
+      if not have_S.all():
+        out_SxE[~have_S] = self.embed_chunks(np.asarray(chunks_Nx64[s0:s1])[~have_S],
+                                             lm_tokenizer, bar)
+      return {"embeddings": out_SxE}
+
+    shards.sharded_rows(work, n, shard_size, compute, desc="embed chunks", unit="chunk",
+                        job=inputs, compute_advances_bar=True)
     artifacts.write_manifest(work, "embeddings", inputs, shape=[n, self.dim], dtype="float32",
                              embedder=str(self.folder), pooling=list(self.pooling),
                              normalized=self.normalize, max_tokens=self.max_tokens)

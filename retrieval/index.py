@@ -180,6 +180,21 @@ def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
   return index
 
 
+def refill(trained: faiss.Index, vectors: np.ndarray, nprobe: int = NPROBE,
+           ef_search: int = EF_SEARCH, start: int = 0) -> faiss.Index:
+  """A copy of `trained` holding `vectors`: its trained parts (IVF centroids, PQ codebooks)
+  are kept, not retrained. start=0: emptied, then all are added (an HNSW graph is rebuilt);
+  start=n: it holds vectors[:n] already and only the rest are added."""
+  index = faiss.clone_index(trained)
+  if start == 0:
+    index.reset()
+  elif index.ntotal != start:
+    raise ValueError(f"the index holds {index.ntotal} vectors, not the first {start}")
+  add_vectors(index, vectors[start:])
+  set_search_params(index, nprobe, ef_search)
+  return index
+
+
 def set_search_params(index: faiss.Index, nprobe: int, ef_search: int,
                       refine_k_factor: int = REFINE_K_FACTOR) -> None:
   """nprobe for IVF indexes, efSearch for HNSW (the index or an IVF's coarse quantizer),

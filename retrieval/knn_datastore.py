@@ -2,6 +2,7 @@
 
     knn = knn_datastore(config, prepared, keys_fn, model_hash)     # built once per checkpoint
     dists_NxK, tokens_NxK = knn.search(keys_NxD, k, exact=True)
+    opted_out = without(knn, prepared.train, ["milton/*"])         # an edited copy (cached)
 
 The keys are the LM's inputs to its final feed-forward layer at every position of the
 training split with a real target (float16 [N, D], memory-mapped), the values the next
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import faiss
 import ml_collections
@@ -22,6 +23,7 @@ import numpy as np
 
 from common import artifacts
 from data import dataset
+from retrieval import edit
 from retrieval import index as index_lib
 from retrieval import shards
 
@@ -39,6 +41,10 @@ class KnnDatastore:
     self.keys = np.load(directory / "keys.npy", mmap_mode="r")
     self.values = np.load(directory / "values.npy", mmap_mode="r")
     self.index = index_lib.load_index(directory / "index.faiss", nprobe, ef_search)
+    # An edited copy (`without`) stores each entry's stream position; else entry e is the
+    # e-th non-padding target of the split (`entry_positions`).
+    positions = directory / "positions.npy"
+    self.positions = np.load(positions, mmap_mode="r") if positions.is_file() else None
     # Distances from a Flat index or a refined one (`...,RFlat`) are exact squared L2 to the
     # float32 values of the stored float16 keys already: re-ranking them again is a no-op.
     self.exact_distances = isinstance(faiss.downcast_index(self.index),
@@ -150,3 +156,50 @@ def knn_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
                              batch_size=config.eval.batch_size, index_spec=r.index,
                              memory_budget_gb=r.memory_budget_gb, nprobe=r.nprobe,
                              ef_search=r.ef_search)
+
+
+def entry_positions(split: dataset.TokenSplit) -> np.ndarray:
+  """int64 [N]: the stream position of each entry's next token, as `build_knn_datastore`
+  stores them (every non-padding target of the split's sequences, in order)."""
+  targets = np.asarray(split.tokens[1:split.num_sequences * split.seq_len + 1])
+  return np.flatnonzero(targets) + 1
+
+
+def without(store: KnnDatastore, split: dataset.TokenSplit, remove: Sequence[str],
+            nprobe: int = index_lib.NPROBE, ef_search: int = index_lib.EF_SEARCH
+            ) -> KnnDatastore:
+  """A copy of `store` (built over `split`) without what the documents matching `remove`
+  (ids or globs, `retrieval.edit.match_documents`) put in it: their entries (next tokens)
+  and every later entry of a sequence holding one of their tokens, whose key saw it. No
+  retraining; cached beside `store`. This is not what a fresh build from the edited corpus
+  gives (there the sequences are cut differently and the kept keys see other context), but
+  nothing of the removed text is left in a key or a value. The index is refilled with the
+  kept keys (a Flat one is then exact over them)."""
+  removed = edit.match_documents(split.doc_ids, edit.read_patterns(remove))
+  removed_ids = [split.doc_ids[i] for i in removed]
+  inputs = {**store.manifest["inputs"],
+            "without": artifacts.fingerprint({"parent": store.directory.name,
+                                              "removed": removed_ids})}
+  directory = store.directory.parent / artifacts.fingerprint(inputs)
+  if artifacts.read_manifest(directory) is None:
+    with artifacts.building(directory) as work:
+      positions_E = (entry_positions(split) if store.positions is None
+                     else np.asarray(store.positions))
+      end = split.num_sequences * split.seq_len + 1
+      hit_T = np.isin(np.asarray(split.token_doc[:end]), removed)
+      seen_T = np.concatenate([[0], np.cumsum(hit_T)])  # removed tokens before position t
+      first_E = (positions_E - 1) // split.seq_len * split.seq_len  # the sequence's first
+      keep_E = seen_T[positions_E + 1] == seen_T[first_E]  # none in [first, position]
+      keys = np.asarray(store.keys)[keep_E]
+      artifacts.atomic_save_npy(work / "keys.npy", keys)
+      artifacts.atomic_save_npy(work / "values.npy", np.asarray(store.values)[keep_E])
+      artifacts.atomic_save_npy(work / "positions.npy", positions_E[keep_E])
+      index = index_lib.refill(store.index, keys, nprobe, ef_search)
+      index_lib.save_index(index, work / "index.faiss")
+      artifacts.write_manifest(work, ARTIFACT, inputs, **{
+          key: store.manifest[key] for key in ("key_dim", "keys_dtype", "values_dtype",
+                                               "metric", "index_spec", "split")},
+          entries=int(keep_E.sum()), parent=store.directory.name, removed=removed_ids,
+          removed_entries=int((~keep_E).sum()))
+  return KnnDatastore.load(directory, inputs, f"delete {directory} to rebuild it", nprobe,
+                           ef_search)

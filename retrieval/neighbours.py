@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -52,8 +53,14 @@ def query_windows(seq_len: int, stride: int, query_len: int, s0: int, s1: int
                   ) -> tuple[np.ndarray, np.ndarray]:
   """(first token, end token (exclusive)) int64 [(s1-s0) * W] of the query windows of
   sequences s0..s1-1 in the split's stream, window-major within a sequence."""
+  return sequence_windows(seq_len, stride, query_len, np.arange(s0, s1, dtype=np.int64))
+
+
+def sequence_windows(seq_len: int, stride: int, query_len: int, seq_S: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """`query_windows` of the sequences `seq_S` (any indices)."""
   W = seq_len // stride
-  seq_start_Sx1 = (np.arange(s0, s1, dtype=np.int64) * seq_len)[:, None]
+  seq_start_Sx1 = (np.asarray(seq_S, np.int64) * seq_len)[:, None]
   end_SxW = seq_start_Sx1 + (np.arange(W, dtype=np.int64) + 1) * stride
   first_SxW = np.maximum(end_SxW - query_len, seq_start_Sx1)
   return first_SxW.reshape(-1), end_SxW.reshape(-1)
@@ -135,6 +142,44 @@ def query_tokens(tokens_T: np.ndarray, first_Q: np.ndarray, end_Q: np.ndarray, m
   return np.where(keep_QxM, np.asarray(tokens_T[np.maximum(pos_QxM, 0)]), 0).astype(np.int32)
 
 
+def neighbour_rows(queries_NxE: np.ndarray, split: dataset.TokenSplit,
+                   store: dataset.TokenSplit, index, request: family.RetrievalSpec,
+                   overfetch: int, metric: str, align: bool = False,
+                   timings: dict[str, float] | None = None
+                   ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """rows(seq_S) -> the neighbour arrays (`neighbours_split`) of the sequences seq_S."""
+  k, R, stride = request.k, request.length, request.stride
+  L = split.seq_len
+  W = L // stride
+  if len(queries_NxE) < split.num_sequences * W:
+    raise ValueError(f"{len(queries_NxE)} queries for {split.num_sequences} sequences of {W} "
+                     f"windows")
+  codes_D = core.doc_codes(split.doc_ids, store.doc_ids)
+  chunk_doc_N = np.asarray(store.chunk_doc())
+  timings = {} if timings is None else timings
+
+  def rows(seq_S: np.ndarray) -> dict[str, np.ndarray]:
+    seq_S = np.asarray(seq_S, np.int64)
+    first_Q, end_Q = sequence_windows(L, stride, request.query_len, seq_S)
+    t0 = time.perf_counter()
+    ids_QxK, dists_QxK = core.retrieve(
+        index, np.asarray(queries_NxE[(seq_S[:, None] * W + np.arange(W)).reshape(-1)]),
+        core.query_docs(split.token_doc, codes_D, first_Q, end_Q + stride), chunk_doc_N, k,
+        overfetch, metric)
+    t1 = time.perf_counter()
+    m = store.chunk_size
+    query_QxM = query_tokens(split.tokens, first_Q, end_Q, m) if align else None
+    nbr_QxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_QxK, m, R, query_QxM)
+    timings["search_s"] = timings.get("search_s", 0.0) + t1 - t0
+    timings["materialise_s"] = timings.get("materialise_s", 0.0) + time.perf_counter() - t1
+    S = len(seq_S)
+    return {"neighbours": nbr_QxKxR.reshape(S, W, k, R),
+            "neighbour_ids": ids_QxK.reshape(S, W, k),
+            "neighbour_dists": dists_QxK.reshape(S, W, k)}
+
+  return rows
+
+
 def neighbours_split(directory: Path, queries_NxE: np.ndarray, split: dataset.TokenSplit,
                      store: dataset.TokenSplit, index, request: family.RetrievalSpec,
                      overfetch: int, metric: str, align: bool = False,
@@ -151,37 +196,24 @@ def neighbours_split(directory: Path, queries_NxE: np.ndarray, split: dataset.To
       chunk (`core.align_offsets`; `retrieval.align_neighbours`).
     timings: if given, seconds spent searching and materialising are added to it.
   """
-  k, R, stride = request.k, request.length, request.stride
-  L = split.seq_len
-  W = L // stride
-  if len(queries_NxE) < split.num_sequences * W:
-    raise ValueError(f"{len(queries_NxE)} queries for {split.num_sequences} sequences of {W} "
-                     f"windows")
-  codes_D = core.doc_codes(split.doc_ids, store.doc_ids)
-  chunk_doc_N = np.asarray(store.chunk_doc())
-  timings = {} if timings is None else timings
-
-  def compute(s0: int, s1: int) -> dict[str, np.ndarray]:
-    first_Q, end_Q = query_windows(L, stride, request.query_len, s0, s1)
-    t0 = time.perf_counter()
-    ids_QxK, dists_QxK = core.retrieve(
-        index, queries_NxE[s0 * W:s1 * W],
-        core.query_docs(split.token_doc, codes_D, first_Q, end_Q + stride), chunk_doc_N, k,
-        overfetch, metric)
-    t1 = time.perf_counter()
-    m = store.chunk_size
-    query_QxM = query_tokens(split.tokens, first_Q, end_Q, m) if align else None
-    nbr_QxKxR = core.chunk_windows(store.tokens, store.token_doc, ids_QxK, m, R, query_QxM)
-    timings["search_s"] = timings.get("search_s", 0.0) + t1 - t0
-    timings["materialise_s"] = timings.get("materialise_s", 0.0) + time.perf_counter() - t1
-    S = s1 - s0
-    return {"neighbours": nbr_QxKxR.reshape(S, W, k, R),
-            "neighbour_ids": ids_QxK.reshape(S, W, k),
-            "neighbour_dists": dists_QxK.reshape(S, W, k)}
-
+  rows = neighbour_rows(queries_NxE, split, store, index, request, overfetch, metric, align,
+                        timings)
+  W = split.seq_len // request.stride
   return shards.sharded_rows(directory, split.num_sequences,
-                             max(1, QUERY_CHUNKS_PER_SHARD // W), compute,
+                             max(1, QUERY_CHUNKS_PER_SHARD // W),
+                             lambda s0, s1: rows(np.arange(s0, s1)),
                              desc=f"neighbours ({split.name})", unit="window", units_per_row=W)
+
+
+def rows(config: ml_collections.ConfigDict, request: family.RetrievalSpec,
+         split: dataset.TokenSplit, queries_NxE: np.ndarray, store: datastore_lib.Datastore,
+         store_NxE: np.ndarray, index, timings: dict[str, float]
+         ) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """The builder's row function (build.py, patch.py): `neighbour_rows` with the config's
+  settings."""
+  r = config.retrieval
+  return neighbour_rows(queries_NxE, split, store.split, index, request, r.overfetch, r.metric,
+                        r.align_neighbours, timings)
 
 
 def search(config: ml_collections.ConfigDict, request: family.RetrievalSpec, directory: Path,

@@ -40,9 +40,7 @@ def search_text(config: ml_collections.ConfigDict, text: str, k: int,
   prepared = dataset.prepare(config) if prepared is None else prepared
   store = datastore.load_datastore(config, prepared)
   embedder = datastore.load_embedder(config)
-  store_NxE, emb_hash = datastore.chunk_embeddings(config, store.split, prepared.tokenizer,
-                                                   embedder)
-  index, _ = datastore.datastore_index(config, store_NxE, emb_hash)
+  index = datastore.store_vectors(config, prepared, store, embedder)[2]
   dists_1xK, ids_1xK = index_lib.search(index, embedder.embed_texts([text]), k)
   chunks_Nxm = store.split.chunk_tokens()
   chunk_doc_N = store.split.chunk_doc()

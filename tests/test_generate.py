@@ -16,6 +16,7 @@ import pytest
 
 import configs
 import generate as gen
+import inference
 from inference import sampling, stores
 import models
 import synthetic
@@ -236,6 +237,31 @@ def test_sampling_is_deterministic_for_a_seed(tiny):
   assert [g.token_ids for g in first] != [g.token_ids for g in other]
   plain, = gen.generate(source, prompts[:1], max_tokens=70, seed=7, retrieval=False)
   assert all(c.neighbours == [] for c in plain.citations)
+
+
+def test_without_a_document_nothing_of_it_is_cited(tiny):
+  """An opt-out at generation time (RETRO's chunks, kNN-LM's entries): the removed document
+  is never cited; the attribution table accounts for every cited item."""
+  prompts = ["ka lo mi", "dan qui po"]
+  source = tiny("tiny_retro")
+  full = gen.generate(source, prompts, max_tokens=70, seed=7, stop_at_eos=False)
+  cited = lambda gens: [n.doc_id for g in gens for c in g.citations  # noqa: E731
+                        for n in c.neighbours]
+  table = inference.attribution(full[0])
+  assert sum(r["items"] for r in table) == len(cited(full[:1]))
+  assert sum(r["share"] for r in table) == pytest.approx(1.0)
+  gone = table[0]["doc_id"]
+  assert gone in inference.format_attribution(full[0])
+  edited = gen.generate(source, prompts, max_tokens=70, seed=7, stop_at_eos=False,
+                        without=[gone])
+  assert cited(edited) and gone not in cited(edited)
+  config, params = tiny("tiny_knnlm")
+  knn = {"k": 4, "lam": 0.5, "temperature": 2.0}
+  run = lambda **kw: gen.generate((config, params), prompts, max_tokens=40, seed=0,  # noqa: E731
+                                  knn=knn, stop_at_eos=False, **kw)
+  gone = inference.attribution(run()[0])[0]["doc_id"]
+  edited = run(without=[gone])
+  assert cited(edited) and gone not in cited(edited)
 
 
 def test_sample_filters():

@@ -111,6 +111,24 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition
                                        write=False) for drop in (False, True))
     assert (kept["datastore_drop_heldout"], dropped["datastore_drop_heldout"]) == (False, True)
     assert kept["perplexity"] != dropped["perplexity"]  # different neighbours were read
+  if model != "transformer":  # an opt-out, no retraining: beside the full datastore
+    gone = "doc0[0-4]"  # about half the training documents: every row reads other text
+    removed = sorted(d for d in dataset.prepare(cfg).train.doc_ids if d < "doc05")
+    knn_args = ["--knn", "--k", "4"] if model == "knnlm" else []
+    rows = eval_lib.main(["--workdir", str(tmp_path), "--without", gone, "--no-overlap",
+                          "--batches", "1", *knn_args])
+    without = rows[-1]
+    assert f"without {gone}" in without["variant"] and np.isfinite(without["perplexity"])
+    if model == "knnlm":
+      assert without["knn_without"]["removed"] == removed
+      assert without["knn_without"]["removed_entries"] > 0
+      assert without["knn"]["perplexity"] != rows[0]["knn"]["perplexity"]
+    else:
+      full = rows[-2]
+      assert full["datastore_edits"] == [] and full["datastore"] == datastore.TRAIN_DOCUMENTS
+      assert [e["removed"] for e in without["datastore_edits"]] == [removed]
+      assert without["datastore_version"] != full["datastore_version"]
+      assert without["perplexity"] != full["perplexity"]
   if model == "knnlm":
     assert sum(b["tokens"] for b in result["knn"]["overlap_buckets"]) == result["tokens"]
     sweep = result["knn"]["sweep"]

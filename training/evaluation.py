@@ -29,7 +29,7 @@ from common.errors import UserError
 from models import knnlm
 from models.layers import Spec
 from data import dataset
-from retrieval import build, knn_datastore as knn_lib
+from retrieval import build, edit, knn_datastore as knn_lib
 from training import bundle, checkpoint, loop, overlap_eval, refresh, sharding
 
 LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -67,7 +67,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
              datastore: str | None = None, drop_heldout: bool | None = None,
              k: int | None = None, model: str | None = None,
              overrides: Sequence[str] = (), batches: int | None = None, write: bool = True,
-             max_overlap: float | None = None, overlap: bool = True) -> dict[str, Any]:
+             max_overlap: float | None = None, overlap: bool = True,
+             without: Sequence[str] = ()) -> dict[str, Any]:
   """Perplexity of the checkpoint in `workdir` on `split`.
 
   Args:
@@ -91,6 +92,10 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
       neighbours they are predicted from is <= this (the paper's filtered evaluation).
     overlap: measure the overlap at all (False: no overlap reference is built or read;
       no `overlap_buckets`).
+    without: document ids or globs removed from the datastore first, no retraining (an
+      opt-out: `retrieval.edit`; the datastore is `datastore` or the model's, the training
+      split's documents if it retrieves from its training split), and from the kNN-LM
+      datastore (`knn_datastore.without`).
   Returns:
     {"perplexity", "loss", "tokens", ...}; with overlap also `overlap_buckets` (one row per
     bucket: tokens, loss, perplexity, ...), `overlap` (the reference), `max_overlap`, and
@@ -117,6 +122,12 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if (datastore or drop_heldout is not None) and request is None:
     raise UserError(f"--datastore/--heldout swap the datastore; model {config.model.name!r} "
                     "reads none")
+  if without and request is None and not knn:
+    raise UserError(f"--without removes datastore documents; model {config.model.name!r} "
+                    f"reads no datastore (add --knn for a kNN-LM datastore)")
+  if without and request is not None:
+    version = edit.edit_datastore(config, dataset.prepare(config), without)
+    config = _with(config, [], **{"retrieval.datastore": str(version.directory)})
   if model:
     _check_params_fit(config, params, workdir)
   max_batches = config.eval.batches if batches is None else batches
@@ -133,6 +144,8 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
   if request is not None:
     result["retrieval"] = bool(retrieval)
     result["datastore"] = config.retrieval.datastore or "train split"
+    result["datastore_version"] = artifacts.datastore.hash
+    result["datastore_edits"] = list(artifacts.datastore.edits)
     result["datastore_drop_heldout"] = config.retrieval.datastore_drop_heldout
     if refresh.refresh_every(config):  # the index as the run left it: re-embedded by these params
       artifacts = refresh.refresh_candidates(config, artifacts, params)
@@ -153,6 +166,14 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
       raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
                       f"kNN key), not model {config.model.name!r}")
     knn_store = knn_datastore(config, params, artifacts.prepared, saved["step"])
+    if without:
+      store, apply = knn_store
+      store = knn_lib.without(store, artifacts.prepared.train, without,
+                              config.retrieval.nprobe, config.retrieval.ef_search)
+      knn_store = (store, apply)
+      result["knn_without"] = {"removed": store.manifest["removed"],
+                               "removed_entries": store.manifest["removed_entries"],
+                               "entries": store.manifest["entries"]}
   ref = None
   if overlap:
     num = artifacts.prepared.split(split).num_sequences
