@@ -20,6 +20,7 @@ import inference
 from inference import sampling, stores
 import models
 import synthetic
+from common import artifacts
 from common.errors import UserError
 from models import knnlm
 from models.layers import Spec
@@ -284,7 +285,8 @@ def test_knnlm_samples_the_interpolated_distribution(tiny):
                     stop_at_eos=False)
   prepared = dataset.prepare(config)
   tok, split = prepared.tokenizer, prepared.train
-  directory, = (Path(config.data.cache_dir) / knn_datastore.ARTIFACT).glob("*")
+  directory, = [d for d in (Path(config.data.cache_dir) / knn_datastore.ARTIFACT).glob("*")
+                if "removed" not in artifacts.read_manifest(d)]  # not an opt-out's copy
   store = knn_datastore.KnnDatastore.load(directory, {}, "")
   seq = np.array(g.prompt_ids + g.token_ids, np.int32)
   P = len(g.prompt_ids)
