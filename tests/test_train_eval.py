@@ -1,15 +1,11 @@
 """End to end: train + evaluate every model on a tiny synthetic corpus (flax-examples style),
-learning, and exact resume in a fresh process. (Checkpoints moved across device counts:
-tests/test_training_core.py.)"""
+and learning. (Exact resume in a fresh process and REALM's index refresh:
+tests/test_resume.py; checkpoints moved across device counts: tests/test_training_core.py.)"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -23,7 +19,6 @@ from retrieval import build, datastore
 from training import metrics as metrics_lib
 from training.evaluation import weighted_perplexity
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["transformer", "retro", "realm", "knnlm", "incontext"]
 
 
@@ -114,17 +109,23 @@ def test_train_50_steps_learns_then_eval(model, corpus_overrides, second_edition
   if model != "transformer":  # an opt-out, no retraining: beside the full datastore
     gone = "doc0[0-4]"  # about half the training documents: every row reads other text
     removed = sorted(d for d in dataset.prepare(cfg).train.doc_ids if d < "doc05")
-    knn_args = ["--knn", "--k", "4"] if model == "knnlm" else []
-    rows = eval_lib.main(["--workdir", str(tmp_path), "--without", gone, "--no-overlap",
-                          "--batches", "1", *knn_args])
-    without = rows[-1]
-    assert f"without {gone}" in without["variant"] and np.isfinite(without["perplexity"])
+    quick = {"batches": 1, "overlap": False, "write": False}
     if model == "knnlm":
+      without = eval_lib.evaluate(tmp_path, knn=knn, without=[gone], **quick)
       assert without["knn_without"]["removed"] == removed
       assert without["knn_without"]["removed_entries"] > 0
-      assert without["knn"]["perplexity"] != rows[0]["knn"]["perplexity"]
+      full = eval_lib.evaluate(tmp_path, knn=knn, **quick)
+      assert without["knn"]["perplexity"] != full["knn"]["perplexity"]
     else:
-      full = rows[-2]
+      if model == "retro":  # the command line: the family's rows, then full and without
+        rows = eval_lib.main(["--workdir", str(tmp_path), "--without", gone, "--no-overlap",
+                              "--batches", "1"])
+        full, without = rows[-2:]
+        assert f"without {gone}" in without["variant"]
+      else:
+        full, without = (eval_lib.evaluate(tmp_path, datastore=datastore.TRAIN_DOCUMENTS,
+                                           without=w, **quick) for w in ((), [gone]))
+      assert np.isfinite(without["perplexity"])
       assert full["datastore_edits"] == [] and full["datastore"] == datastore.TRAIN_DOCUMENTS
       assert [e["removed"] for e in without["datastore_edits"]] == [removed]
       assert without["datastore_version"] != full["datastore_version"]
@@ -169,48 +170,6 @@ def test_weighted_perplexity_skips_padding():
   logp = np.array([np.log(0.5), np.log(0.25), -np.inf])
   assert weighted_perplexity(logp, np.array([1.0, 1.0, 0.0])) == pytest.approx(np.sqrt(8.0))
   assert weighted_perplexity(logp, np.array([1.0, 1.0, 1.0])) == np.inf
-
-
-def _params(workdir: Path):
-  _, params = train.load_checkpoint(workdir)
-  return jax.tree.leaves(jax.device_get(params))
-
-
-def test_resume_in_fresh_process_is_exact(corpus_overrides, tmp_path):
-  common = [*corpus_overrides, "train.steps=4", "train.checkpoint_every=2",
-            "train.eval_every=1000", "train.log_every=1"]
-  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(_config("tiny_retro", common), str(straight))
-  train.train_and_evaluate(_config("tiny_retro", common, "train.stop_after=2"), str(resumed))
-  args = [sys.executable, "train.py", "--config", "tiny_retro", "--workdir", str(resumed),
-          *[f"--config.{o}" for o in common]]
-  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resuming from step 2" in proc.stdout
-  for a, b in zip(_params(straight), _params(resumed)):
-    np.testing.assert_array_equal(a, b)
-  loss = lambda w: {r["step"]: r["train/loss"] for r in  # noqa: E731
-                    metrics_lib.read_jsonl(w / "metrics.jsonl") if "train/loss" in r}
-  assert loss(straight) == loss(resumed)  # same batches at every step, same losses
-
-
-def test_realm_refreshes_stale_index(corpus_overrides, tmp_path):
-  cfg = _config("tiny_realm", corpus_overrides, "train.steps=5", "retrieval.refresh_every=2",
-                "model.realm.doc_encoder=trainable", "train.log_every=1",
-                "train.checkpoint_every=1000", "train.eval_every=1000")
-  train.train_and_evaluate(cfg, str(tmp_path))
-  records = [r for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
-             if "train/index_age_steps" in r]
-  assert [r["train/index_age_steps"] for r in records] == [0, 1, 0, 1, 0]  # refreshed
-  # before steps 2 and 4; the retriever's diagnostics are logged at every step
-  K = cfg.model.num_neighbours
-  assert all(0 <= r["train/gold_rank"] <= K - 1 and 0 < r["train/null_prob"] < 1
-             for r in records)
-  refreshed = eval_lib.evaluate(tmp_path, batches=1, write=False, overlap=False)
-  assert refreshed["index"] == "refreshed at step 5"  # evaluated with the index it trained on
-  assert np.isfinite(refreshed["perplexity"])
-  assert 0 <= refreshed["gold_rank"] <= K - 1 and 0 < refreshed["null_prob"] < 1
-  assert 0 < refreshed["retrieval_entropy"] <= np.log(K + 1)
 
 
 # The command-line bad-input cases (unknown config, missing field, eval.py on an empty
