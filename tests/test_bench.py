@@ -33,3 +33,13 @@ def test_bench_prints_one_json_line(argv, keys, tmp_path):
   assert keys <= set(result), sorted(result)
   if "mfu" in keys:  # on CPU against its measured float32 matmul peak
     assert 0 < result["mfu"] < 1 and result["peak_source"].startswith("measured"), result
+
+
+def test_train_vs_torch_needs_a_retro_pytorch_checkout(tmp_path):
+  """The PyTorch comparison runs only where torch and a RETRO-pytorch checkout are (never in
+  CI); without them it stops with one line."""
+  proc = subprocess.run([sys.executable, "bench/train_vs_torch.py", "--torch-python",
+                         sys.executable, "--retro-pytorch", str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "is not a RETRO-pytorch checkout" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
