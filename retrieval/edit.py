@@ -100,7 +100,8 @@ def edit_datastore(config: ml_collections.ConfigDict, prepared: dataset.Prepared
     raise UserError("nothing to edit: give --remove IDS/GLOBS and/or --add CORPUS")
   if len(removed) == len(split.doc_ids) and not add:
     raise UserError("that removes every document; a datastore cannot be empty")
-  kept_ids = [d for i, d in enumerate(split.doc_ids) if i not in set(removed)]
+  gone = set(removed)
+  kept_ids = [d for i, d in enumerate(split.doc_ids) if i not in gone]
   if added is not None:
     clash = sorted(set(kept_ids) & set(added.doc_ids))
     if clash or len(set(added.doc_ids)) < len(added.doc_ids):
