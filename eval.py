@@ -6,8 +6,8 @@ variant of the model's family (RETRO and In-Context RALM with and without retrie
 validation texts into it), `--without GLOB` documents removed from the datastore (an
 opt-out, beside the full datastore; `python -m retrieval.edit`), kNN-LM with
 `--lam/--k/--temperature` and a lambda sweep (table and `knn_sweep.png`), `--k` retrieved
-items per query, `--verify` to recompute the checksums of every cached artifact it loads, and `--model` to evaluate the parameters as another family
-that fits them:
+items per query, `--verify` to recompute the checksums of every cached artifact it loads,
+and `--model` to evaluate the parameters as another family that fits them:
 
     python eval.py --workdir runs/baseline_small --model incontext --k 1 \
         --config.model.incontext.stride=32
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import configs
+import ml_collections
 import models
 from common import cli
 from common import artifacts
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 def _run(args) -> list[dict]:
   args.workdir = str(bundle.local(args.workdir))  # a bundle on gs:// or the Hub: a local copy
-  name = args.model or configs.from_json(restore_meta(args.workdir, args.step)["config"]).model.name
+  config = configs.from_json(restore_meta(args.workdir, args.step)["config"])
+  name = config.model.name = args.model or config.model.name
   family = models.get_family(name)
   knn = None
   if family.knn_key and (args.knn or family.knn_default):
@@ -111,7 +113,7 @@ def _run(args) -> list[dict]:
     held = f", held-out editions {args.heldout}" if args.heldout else ""
     results.append({**r, "variant": f"{name}, datastore {r['datastore']}{held}"})
   if args.without:
-    results += _without_rows(args, name, knn, common)
+    results += _without_rows(args, config, knn, common)
   print(format_table(results))
   if not args.no_overlap:
     print(format_buckets(results))
@@ -121,16 +123,17 @@ def _run(args) -> list[dict]:
   return results
 
 
-def _without_rows(args, name: str, knn: dict | None, common: dict) -> list[dict]:
+def _without_rows(args, config: ml_collections.ConfigDict, knn: dict | None, common: dict
+                  ) -> list[dict]:
   """The opt-out rows: the full editable datastore, then without `args.without`."""
-  config = configs.from_json(restore_meta(args.workdir, args.step)["config"])
-  config.model.name = name
+  name = config.model.name
   rows = []
   drop = None if args.heldout is None else args.heldout == "drop"
   if build.retrieval_request(config) is not None:  # the full datastore, packed by document
     full = args.datastore or edit.parent_spec(config)
     r = evaluate(args.workdir, datastore=full, drop_heldout=drop, write=False, **common)
-    rows.append({**r, "variant": f"{name}, datastore {full} (full, version {r['datastore_version']})"})
+    rows.append({**r, "variant": f"{name}, datastore {full} (full, version "
+                                 f"{r['datastore_version']})"})
   else:
     full = None
   r = evaluate(args.workdir, datastore=full, drop_heldout=drop, knn=knn, without=args.without,

@@ -38,7 +38,6 @@ from inference.sampling import ChunkCitation, Generation, Neighbour, Sampler
 from inference.stores import ChunkStore, KnnStore, chunk_store
 from models.layers import Spec
 from retrieval import build, edit
-from retrieval import knn_datastore as knn_lib
 from training import bundle, checkpoint
 from training.evaluation import check_data, knn_datastore, knn_settings
 
@@ -190,10 +189,8 @@ def generate(source: str | os.PathLike | tuple[ml_collections.ConfigDict, Any],
   lockstep = sampling.Lockstep(prompt_ids, int(max_tokens), tok.eos_id, stop_at_eos)
 
   def knn_store() -> KnnStore:
-    store, _ = knn_datastore(config, params, prepared, meta["step"] if meta else None)
-    if without:
-      store = knn_lib.without(store, prepared.train, without, config.retrieval.nprobe,
-                              config.retrieval.ef_search)
+    store, _ = knn_datastore(config, params, prepared, meta["step"] if meta else None,
+                             without)
     return KnnStore(store, prepared.train, tok)
 
   ctx = Context(config=config, params=params, lockstep=lockstep, sampler=sampler,

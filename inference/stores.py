@@ -92,8 +92,7 @@ class KnnStore:
   def __init__(self, store: knn_lib.KnnDatastore, split: dataset.TokenSplit,
                tokenizer: Any):
     self.store, self.split, self.tokenizer = store, split, tokenizer
-    self.position_E = (knn_lib.entry_positions(split) if store.positions is None
-                       else np.asarray(store.positions))  # each entry's token's position
+    self.position_E = store.entry_positions(split)  # each entry's token's position
     if len(self.position_E) != store.keys.shape[0]:
       raise UserError(f"the kNN-LM datastore {store.directory} has {store.keys.shape[0]} "
                       f"entries but the {split.name} split has {len(self.position_E)} targets; "

@@ -162,18 +162,19 @@ def build_retrieval(config: ml_collections.ConfigDict, prepared: dataset.Prepare
   embedder = datastore.load_embedder(config)
   builder.check(config, request, embedder)
   t0 = time.perf_counter()
-  store_NxE, _ = datastore.store_embeddings(config, prepared, store, embedder)
+  parent = datastore.parent_of(config, prepared, store)
+  store_NxE, emb_hash = datastore.store_embeddings(config, prepared, store, embedder, parent)
   queries = {name: builder.queries(config, prepared, prepared.split(name), embedder, request)
              for name in splits}
   t1 = time.perf_counter()
-  _, _, index, index_hash = datastore.store_vectors(config, prepared, store, embedder)
+  index, index_hash = datastore.store_index(config, prepared, embedder, store_NxE, emb_hash,
+                                            parent)
   timings.update(embed_s=t1 - t0, index_s=time.perf_counter() - t1)
   inputs = retrieval_inputs(config, prepared, store, embedder.hash, index_hash, request, splits)
   kind = builder.artifact
   final = _artifact_dir(config, kind, inputs)
   if artifacts_lib.read_manifest(final) is None:
     print(f"building {kind} {final}", flush=True)
-    parent = datastore.parent_of(config, prepared, store)
     if search is None and parent is not None:  # an edited version: patch its parent's rows
       parent_index_hash = datastore.store_vectors(config, prepared, parent.store, embedder)[3]
       parent_dir = _artifact_dir(config, kind, retrieval_inputs(

@@ -241,36 +241,46 @@ def _embedded(config: ml_collections.ConfigDict, split: dataset.TokenSplit,
 def datastore_embeddings(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
                          store: Datastore) -> np.ndarray:
   """The datastore chunks' embeddings [N, E] under the configured embedder (cached memmap)."""
-  return store_embeddings(config, prepared, store, load_embedder(config))[0]
+  return store_embeddings(config, prepared, store, load_embedder(config),
+                          parent_of(config, prepared, store))[0]
 
 
 def store_embeddings(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
-                     store: Datastore, embedder: embedder_lib.Embedder
+                     store: Datastore, embedder: embedder_lib.Embedder, parent: Parent | None
                      ) -> tuple[np.ndarray, str]:
-  """`chunk_embeddings` of the datastore; an edited version embeds only its added chunks
-  (the rest are its parent's rows, under the same cache key a fresh build computes)."""
-  parent = parent_of(config, prepared, store)
+  """`chunk_embeddings` of the datastore; an edited version (`parent`: `parent_of(store)`)
+  embeds only its added chunks (the rest are its parent's rows, under the same cache key a
+  fresh build computes)."""
   reuse = None
   if parent is not None and not _embedded(config, store.split, prepared.tokenizer, embedder):
-    reuse = (parent.chunk_N, store_embeddings(config, prepared, parent.store, embedder)[0])
+    reuse = (parent.chunk_N, store_embeddings(config, prepared, parent.store, embedder,
+                                              parent_of(config, prepared, parent.store))[0])
   return chunk_embeddings(config, store.split, prepared.tokenizer, embedder, reuse)
 
 
-def store_vectors(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
-                  store: Datastore, embedder: embedder_lib.Embedder
-                  ) -> tuple[np.ndarray, str, object, str]:
-  """(embeddings [N, E], their hash, FAISS index, its hash) of the datastore; an edited
-  version's index is made from its parent's (`datastore_index`)."""
-  store_NxE, emb_hash = store_embeddings(config, prepared, store, embedder)
-  parent = parent_of(config, prepared, store)
+def store_index(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                embedder: embedder_lib.Embedder, embeddings_NxE: np.ndarray, embeddings_hash: str,
+                parent: Parent | None) -> tuple[object, str]:
+  """`datastore_index` of the datastore; an edited version's (`parent`: `parent_of`) is
+  made from its parent's."""
   edited = None
   if parent is not None:
     n = parent.store.split.num_chunks
     appended = len(parent.chunk_N) >= n and np.array_equal(parent.chunk_N[:n], np.arange(n))
     edited = EditedFrom(lambda: store_vectors(config, prepared, parent.store, embedder)[2:],
                         n, appended)
-  index, index_hash = datastore_index(config, store_NxE, emb_hash, edited)
-  return store_NxE, emb_hash, index, index_hash
+  return datastore_index(config, embeddings_NxE, embeddings_hash, edited)
+
+
+def store_vectors(config: ml_collections.ConfigDict, prepared: dataset.Prepared,
+                  store: Datastore, embedder: embedder_lib.Embedder
+                  ) -> tuple[np.ndarray, str, object, str]:
+  """(embeddings [N, E], their hash, FAISS index, its hash) of the datastore, its parent
+  looked up once (`store_embeddings`, `store_index`)."""
+  parent = parent_of(config, prepared, store)
+  store_NxE, emb_hash = store_embeddings(config, prepared, store, embedder, parent)
+  return (store_NxE, emb_hash,
+          *store_index(config, prepared, embedder, store_NxE, emb_hash, parent))
 
 
 class EditedFrom(NamedTuple):

@@ -50,6 +50,11 @@ class KnnDatastore:
     self.exact_distances = isinstance(faiss.downcast_index(self.index),
                                       (faiss.IndexFlat, faiss.IndexRefine))
 
+  def entry_positions(self, split: dataset.TokenSplit) -> np.ndarray:
+    """int64 [N]: the stream position in `split` (the split it was built over) of each
+    entry's next token: stored by an edited copy, else `entry_positions(split)`."""
+    return entry_positions(split) if self.positions is None else np.asarray(self.positions)
+
   @classmethod
   def load(cls, directory: str | os.PathLike, expected_inputs: Mapping[str, str], hint: str,
            nprobe: int = index_lib.NPROBE, ef_search: int = index_lib.EF_SEARCH
@@ -183,8 +188,7 @@ def without(store: KnnDatastore, split: dataset.TokenSplit, remove: Sequence[str
   directory = store.directory.parent / artifacts.fingerprint(inputs)
   if artifacts.read_manifest(directory) is None:
     with artifacts.building(directory) as work:
-      positions_E = (entry_positions(split) if store.positions is None
-                     else np.asarray(store.positions))
+      positions_E = store.entry_positions(split)
       end = split.num_sequences * split.seq_len + 1
       hit_T = np.isin(np.asarray(split.token_doc[:end]), removed)
       seen_T = np.concatenate([[0], np.cumsum(hit_T)])  # removed tokens before position t

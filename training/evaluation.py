@@ -165,12 +165,9 @@ def evaluate(workdir: str | os.PathLike, split: str = "validation", retrieval: b
     if not models.get_family(config.model).knn_key:
       raise UserError(f"kNN-LM evaluation needs a decoder LM checkpoint (one that returns a "
                       f"kNN key), not model {config.model.name!r}")
-    knn_store = knn_datastore(config, params, artifacts.prepared, saved["step"])
+    knn_store = knn_datastore(config, params, artifacts.prepared, saved["step"], without)
     if without:
-      store, apply = knn_store
-      store = knn_lib.without(store, artifacts.prepared.train, without,
-                              config.retrieval.nprobe, config.retrieval.ef_search)
-      knn_store = (store, apply)
+      store = knn_store[0]
       result["knn_without"] = {"removed": store.manifest["removed"],
                                "removed_entries": store.manifest["removed_entries"],
                                "entries": store.manifest["entries"]}
@@ -237,10 +234,12 @@ def params_hash(params: Any) -> str:
 
 
 def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: dataset.Prepared,
-                  step: int | None) -> tuple[knn_lib.KnnDatastore, Callable[..., Any]]:
+                  step: int | None, without: Sequence[str] = ()
+                  ) -> tuple[knn_lib.KnnDatastore, Callable[..., Any]]:
   """The kNN-LM datastore of the training split under `params` (built once per checkpoint:
   `step` and a hash of the params key the cache), and the jitted
-  `apply(params, inputs) -> (logits, keys)` that made its keys. One process only: UserError
+  `apply(params, inputs) -> (logits, keys)` that made its keys; `without`: document ids or
+  globs whose entries are removed (`knn_datastore.without`). One process only: UserError
   in a multi-process job (the keys of the whole training split are computed here)."""
   if jax.process_count() > 1:
     raise UserError(f"the kNN-LM datastore is built by one process, not "
@@ -251,6 +250,9 @@ def knn_datastore(config: ml_collections.ConfigDict, params: Any, prepared: data
   model_hash = f"step{step}-{params_hash(params)}" if step is not None else \
       f"params-{params_hash(params)}"
   store = knn_lib.knn_datastore(config, prepared, lambda x: apply(params, x)[1], model_hash)
+  if without:
+    store = knn_lib.without(store, prepared.train, without, config.retrieval.nprobe,
+                            config.retrieval.ef_search)
   return store, apply
 
 
