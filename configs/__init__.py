@@ -161,6 +161,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   realm = saved.get("model", {}).get("realm", {})
   if "num_candidates" in realm:  # written before K lived in model.num_neighbours alone
     saved["model"]["num_neighbours"] = realm.pop("num_candidates")
+  if "model" in saved:  # written before smeared CCA keys existed: the model had none
+    saved["model"].setdefault("cca_smear_keys", False)
   cfg = get_config(saved["name"]) if saved.get("name") in names() else \
       importlib.import_module("configs.base").base_config()
 

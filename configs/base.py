@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (loss 2.6 vs 0.44 nats after 300 steps; no gradient reaches the CCA queries and keys
   # until the output projection has grown).
   m.cca_zero_init = False
+  # True: CCA keys are smeared with the previous neighbour token, so the cross-attention
+  # can copy "what followed this token" from a neighbour at any offset (bench/copy_probe.py).
+  m.cca_smear_keys = False
   # K: the datastore items retrieved per query (RETRO neighbours, REALM candidates,
   # In-Context RALM documents). The one place K is set; retrieval builds exactly K.
   m.num_neighbours = 2
@@ -129,6 +132,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Regular expressions over "/"-joined parameter paths (e.g. "encoder", "cross_"): only
   # matching parameters are updated, the rest are frozen. Empty: all are trained.
   t.trainable = ()
+  # RETRO's copy curriculum (retrieval/curriculum.py): for this many first steps, neighbour
+  # 0 of each training chunk is the sequence's own text, shifted by up to copy_max_shift
+  # tokens with a copy_noise share of its tokens replaced. 0 = off.
+  t.copy_curriculum_steps = 0
+  t.copy_max_shift = 8
+  t.copy_noise = 0.1
+  # This share of training chunks reads another chunk's neighbours (at every step), so the
+  # model learns to check that a neighbour continues its text before copying it.
+  t.copy_distractors = 0.0
   t.mesh_data = -1  # -1: all devices on the data axis
   t.mesh_fsdp = 1
   t.multihost = False

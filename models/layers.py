@@ -62,6 +62,8 @@ class Spec:
   options: tuple[tuple[str, Any], ...] = ()
   attention: str = "auto"  # the attention kernel: models.attention.IMPLEMENTATIONS
   loss_chunk: int = 0  # >0: the LM loss projects this many positions at a time (lm_loss)
+  # RETRO: CCA keys smeared with the previous neighbour token (models.ops.Attention).
+  cca_smear_keys: bool = False
   # What the decoder returns: "logits", or "hidden" (the final norm's output; lm_loss sets it).
   head: str = "logits"
 
@@ -100,7 +102,8 @@ class Spec:
         encoder=EncoderSpec(e.width, e.num_layers, e.num_heads, e.head_dim, e.mlp_dim,
                             attention),
         options=_frozen(cfg.get(cfg.name)), attention=attention,
-        loss_chunk=int(cfg.get("loss_chunk", 0)))
+        loss_chunk=int(cfg.get("loss_chunk", 0)),
+        cca_smear_keys=bool(cfg.get("cca_smear_keys", False)))
 
 
 def _frozen(section: Any) -> tuple[tuple[str, Any], ...]:
@@ -135,7 +138,8 @@ class DecoderBlock(nn.Module):
     if self.cross:
       self.cross_norm = RMSNorm(s.dtype)
       self.cross_attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, dtype=s.dtype,
-                                  implementation=s.attention, zero_out=s.cca_zero_init)
+                                  implementation=s.attention, zero_out=s.cca_zero_init,
+                                  key_smear=s.neighbour_len if s.cca_smear_keys else 0)
     self.mlp_norm = RMSNorm(s.dtype)
     self.mlp = _maybe_remat(Mlp, s.remat)(s.mlp_dim, dtype=s.dtype)
     self.drop = nn.Dropout(s.dropout)

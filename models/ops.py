@@ -159,6 +159,12 @@ class Attention(nn.Module):
   array) and attends over all S cached positions, so a dense `mask` must say which of
   them each query sees. `zero_out=True` initialises `out` at zero: the layer starts as a
   no-op on the residual stream (RETRO's CCA, `model.cca_zero_init`).
+
+  `key_smear=R` (cross-attention over groups of R tokens, RETRO's neighbours) smears the
+  keys: key j becomes (1-g) k_j + g k_{j-1} within its group, with a learned gate g per head
+  (parameter `smear`, g = sigmoid(0) = 0.5 at initialisation). A key then carries the token
+  before it, so a query can find "the token that followed my current token" in a neighbour
+  at any offset, as an induction head does ("smeared keys"; Olsson et al. 2022).
   """
   num_heads: int
   head_dim: int
@@ -168,6 +174,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   implementation: str = "auto"
   zero_out: bool = False
+  key_smear: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None,
@@ -189,6 +196,8 @@ class Attention(nn.Module):
       kv_BxSx2xHxK = dense(kv_BxSxE, jnp.concatenate([wk_ExHK, wv_ExHK], 1),
                            self.dtype).reshape(B, S, 2, H, K)
       k_BxSxHxK, v_BxSxHxK = kv_BxSx2xHxK[:, :, 0], kv_BxSx2xHxK[:, :, 1]
+    if self.key_smear:
+      k_BxSxHxK = self._smear(k_BxSxHxK)
     q_BxTxHxK = rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5)
     k_BxSxHxK = rope(k_BxSxHxK, pos_S, self.rope_base)
     if decode:
@@ -199,6 +208,17 @@ class Attention(nn.Module):
     wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), zero=self.zero_out,
                      name="out")((H, K))
     return dense(out_BxTxHxK, wo_HKxD, self.dtype, in_dims=2)
+
+  def _smear(self, k_BxSxHxK: jax.Array) -> jax.Array:
+    """Mixes each key with the previous one of its group of `key_smear` (see above)."""
+    S = k_BxSxHxK.shape[1]
+    init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads",))
+    gate_H = jax.nn.sigmoid(self.param("smear", init, (self.num_heads,), jnp.float32))
+    prev_BxSxHxK = jnp.pad(k_BxSxHxK[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
+    first_S = np.arange(S) % self.key_smear == 0  # a group's first key has no predecessor
+    prev_BxSxHxK = jnp.where(first_S[None, :, None, None], k_BxSxHxK, prev_BxSxHxK)
+    gate_H = gate_H.astype(k_BxSxHxK.dtype)
+    return k_BxSxHxK + gate_H[:, None] * (prev_BxSxHxK - k_BxSxHxK)
 
   def _decode(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
               pos_S: Positions | jax.Array, mask_Bx1xTxS: jax.Array | None) -> jax.Array:

@@ -18,8 +18,9 @@ scored on the same target tokens (`eval.score_from`: the targets after REALM's q
 Writes `<out>/RESULTS.md`, `<out>/results.json` and the plots (scripts/report.py). Every
 part resumes: training from its checkpoints, evaluations from `<out>/evals/`, which is
 committed with the evaluation curves in `<out>/logs/`: a run is trained only while one of its
-evaluations is missing, so the protocol spans sittings on fresh machines seed by seed (one
-seed's runs and evaluations take under 2 hours on 2 cores; checkpoints need not survive).
+evaluations is missing, so the protocol spans sittings on fresh machines seed by seed (each
+run, one model and one seed, well under 2 hours on 2 cores; a seed's runs and evaluations
+about 3 hours; checkpoints need not survive).
 """
 
 from __future__ import annotations
@@ -27,13 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,141 +40,17 @@ from common.artifacts import atomic_write_text  # noqa: E402
 from common.errors import UserError, cli_main  # noqa: E402
 from data import dataset  # noqa: E402
 from retrieval import datastore  # noqa: E402
-from training.evaluation import evaluate  # noqa: E402
-from training.loop import train_and_evaluate  # noqa: E402
-from training.overlap_eval import json_ready  # noqa: E402
+from runner import Recipe, Run, Runner  # noqa: E402  (scripts/runner.py)
 
 FOLIO = "shakespeare_folio"
 KNN_TEMPERATURES = (1.0, 5.0, 20.0)
 STAGES = ("sweep", "train", "eval", "report")
 
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """The schedule every model shares (its numbers live here only)."""
-  steps: int  # baseline and RETRO from scratch
-  extra_steps: int  # continued baseline, RETRO-fitting and REALM, from the baseline
-  learning_rates: tuple[float, ...]  # swept on the baseline, seed 0
-  fit_lr_scales: tuple[float, ...]  # RETRO-fitting's learning rate / the recipe's, swept (seed 0)
-  warm_lr_scales: tuple[float, ...]  # the same for the continued baseline and REALM's reader
-  seeds: tuple[int, ...]
-  eval_batches: int  # 0 = the whole split
-  curve_batches: int  # validation batches of the evaluations during training
-  score_from: int = 63  # chunk_size - 1: REALM's query chunk is never scored
-
-  def common(self, seed: int, lr: float) -> list[str]:
-    return [f"seed={seed}", f"train.learning_rate={lr}", f"eval.score_from={self.score_from}",
-            f"eval.batches={self.curve_batches}"]
-
-  def checkpoint_steps(self, steps: int, evals: int = 4) -> tuple[int, ...]:
-    """The steps a run keeps a checkpoint of: every steps // evals, and the last."""
-    every = max(1, steps // evals)
-    return tuple(sorted({*range(every, steps + 1, every), steps}))
-
-  def schedule(self, steps: int, evals: int = 4) -> list[str]:
-    every = self.checkpoint_steps(steps, evals)[0]
-    return [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-            f"train.eval_every={every}", f"train.checkpoint_every={every}",
-            "train.keep_checkpoints=100"]
-
-
-FULL = Recipe(steps=400, extra_steps=150, learning_rates=(1e-3, 3e-3, 6e-3),
+FULL = Recipe(steps=400, extra_steps=600, learning_rates=(1e-3, 3e-3, 6e-3),
               fit_lr_scales=(1.0, 3.0), warm_lr_scales=(0.1, 1.0), seeds=(0, 1, 2),
               eval_batches=0, curve_batches=10)
 QUICK = Recipe(steps=30, extra_steps=10, learning_rates=(3e-3,), fit_lr_scales=(1.0,),
                warm_lr_scales=(0.1,), seeds=(0,), eval_batches=4, curve_batches=2)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One training run of the protocol: `configs/<config>.py` with `overrides`, in
-  `<out>/runs/<name>`; `base` is the run whose checkpoint it starts from (train.init_from)."""
-  name: str
-  config: str
-  overrides: tuple[str, ...]
-  checkpoints: tuple[int, ...]  # the steps it keeps (for the curves)
-  base: "Run | None" = None
-
-
-class Runner:
-  """Evaluates the protocol's runs under `out`, training a run only when an evaluation that
-  is not cached needs it (or a run that starts from it does).
-
-  Evaluations are cached in `<out>/evals/` (committed: a later sitting on a fresh machine
-  reuses them without the checkpoints) with the run's config and the code's commit; a
-  run's evaluation curve is kept in `<out>/logs/<run>.jsonl`. Checkpoints in `<out>/runs/`
-  are only needed while a run's evaluations or the runs that start from it are pending.
-  """
-
-  def __init__(self, out: Path, recipe: Recipe):
-    self.out, self.recipe = out, recipe
-    for sub in ("evals", "logs"):
-      (out / sub).mkdir(parents=True, exist_ok=True)
-    self.seconds: dict[str, float] = {}
-
-  def run(self, name: str, config: str, seed: int, lr: float, steps: int, evals: int = 4,
-          base: Run | None = None, extra: tuple[str, ...] = ()) -> Run:
-    """A run on the recipe's schedule: `steps` steps, `evals` evaluations and checkpoints."""
-    r = self.recipe
-    init = (f"train.init_from={self.workdir(base)}",) if base else ()
-    return Run(name, config, tuple(r.common(seed, lr) + r.schedule(steps, evals)) + init + extra,
-               r.checkpoint_steps(steps, evals), base)
-
-  def workdir(self, run: Run) -> Path:
-    return self.out / "runs" / run.name
-
-  def ensure(self, run: Run) -> Path:
-    """Trains `run` (and first the run it starts from) unless it has finished."""
-    workdir = self.workdir(run)
-    if not (workdir / "final_metrics.json").exists():
-      if run.base is not None:
-        self.ensure(run.base)
-      start = time.perf_counter()
-      final = train_and_evaluate(configs.load(run.config, list(run.overrides)), str(workdir))
-      if final.get("stopped"):  # SIGTERM / Ctrl-C: the run saved its step; stop here too
-        print(f"results: run {run.name!r} stopped ({final['stopped']}); rerun the same "
-              f"command to resume", flush=True)
-        raise SystemExit(0)
-      self.seconds[f"train/{run.name}"] = round(time.perf_counter() - start, 1)
-    log = self.out / "logs" / f"{run.name}.jsonl"
-    if not log.exists():
-      lines = [line for line in (workdir / "metrics.jsonl").read_text().splitlines()
-               if "eval/perplexity" in line]
-      atomic_write_text(log, "\n".join(lines) + "\n")
-    return workdir
-
-  def eval(self, key: str, run: Run, **kwargs: Any) -> dict[str, Any]:
-    path = self.out / "evals" / (key.replace("/", "__") + ".json")
-    identity = {"run": run.name, "config": run.config, "overrides": list(run.overrides)}
-    if path.exists():
-      cached = json.loads(path.read_text())
-      if {k: cached.get(k) for k in identity} == identity:  # else: another recipe's run
-        return cached
-    workdir = self.ensure(run)
-    start = time.perf_counter()
-    result = evaluate(workdir, batches=self.recipe.eval_batches, write=False,
-                      overrides=[f"eval.score_from={self.recipe.score_from}"], **kwargs)
-    chunks = result.get("chunks")
-    if chunks is not None:  # per-[sequence, chunk] scores, for the overlap joins of report.py
-      np.savez_compressed(path.with_suffix(".npz"), **dataclasses.asdict(chunks))
-    result = json_ready(result)
-    result.update(identity, commit=_commit())
-    self.seconds[f"eval/{key}"] = round(time.perf_counter() - start, 1)
-    atomic_write_text(path, json.dumps(result, indent=1))
-    return result
-
-
-def _commit() -> str:
-  """The code's git commit (+ "-dirty" for uncommitted changes), recorded with each result."""
-  root = Path(__file__).resolve().parents[1]
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                          capture_output=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           text=True, capture_output=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return head + ("-dirty" if dirty else "")
 
 
 def baseline(runner: Runner, seed: int, lr: float) -> Run:
@@ -197,10 +70,13 @@ def sweep(runner: Runner) -> dict[str, Any]:
 
 def fit_run(runner: Runner, seed: int, lr: float, scale: float) -> Run:
   """RETRO-fitting from the baseline on the Folio of the training plays (held-out editions
-  out); only the encoder and the cross-attention train."""
-  return runner.run(f"fit_x{scale:g}_s{seed}", "retro_fit", seed, lr * scale,
-                    runner.recipe.extra_steps, 3, baseline(runner, seed, lr),
-                    (f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True"))
+  out); only the encoder and the cross-attention train, the first half of the steps under
+  the copy curriculum (configs/retro_fit.py)."""
+  steps = runner.recipe.extra_steps
+  return runner.run(f"fit_x{scale:g}_s{seed}", "retro_fit", seed, lr * scale, steps, 3,
+                    baseline(runner, seed, lr),
+                    (f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True",
+                     f"train.copy_curriculum_steps={steps // 2}"))
 
 
 def warm_run(runner: Runner, label: str, config: str, seed: int, lr: float, scale: float,

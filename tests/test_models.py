@@ -13,6 +13,7 @@ import configs
 import models
 from common.errors import UserError
 from models import knnlm
+from models.ops import Attention, rope
 from models.retro import Retro
 from models.transformer import Transformer
 
@@ -65,14 +66,14 @@ def retro():
 TRAINED_M = 16  # chunk size of the trained-layout model below
 
 
-@pytest.fixture(scope="module")
-def retro_trained_layout():
+def _trained_layout(smear_keys: bool):
   """RETRO with the layout of the trained configs (bench_small, retro_small): 6 decoder
   layers, CCA in layers 3 and 6, so the encoder reads the decoder states of a middle layer
   and later layers carry the neighbours' influence on. Tiny widths, m=16, 4 chunks."""
   m = TRAINED_M
   cfg = configs.load("tiny_retro", ["model.num_layers=6", "model.cca_layers=(3,6)",
-                                    f"model.chunk_size={m}", f"model.neighbour_len={2 * m}"]).model
+                                    f"model.chunk_size={m}", f"model.neighbour_len={2 * m}",
+                                    f"model.cca_smear_keys={smear_keys}"]).model
   inputs_BxL = _tokens(20, (1, 4 * m))
   nbr_BxCxKxR = _tokens(21, (1, 4, 2, 2 * m)).at[..., 2 * m - 5:].set(0)  # padded tails
   model = Retro(cfg)
@@ -81,7 +82,19 @@ def retro_trained_layout():
   return cfg, model, params, forward, inputs_BxL, nbr_BxCxKxR
 
 
-LAYOUTS = {"tiny": ("retro", M), "trained": ("retro_trained_layout", TRAINED_M)}
+@pytest.fixture(scope="module")
+def retro_trained_layout():
+  return _trained_layout(False)
+
+
+@pytest.fixture(scope="module")
+def retro_smeared_keys():
+  """The trained layout with smeared CCA keys (`model.cca_smear_keys`)."""
+  return _trained_layout(True)
+
+
+LAYOUTS = {"tiny": ("retro", M), "trained": ("retro_trained_layout", TRAINED_M),
+           "smeared_keys": ("retro_smeared_keys", TRAINED_M)}
 
 
 def _changed_positions(a_BxLxV: jax.Array, b_BxLxV: jax.Array) -> np.ndarray:
@@ -155,13 +168,14 @@ def test_retro_causality_by_gradients(layout, request):
     assert np.all(nbr_TxCxKxR[reach:, c] == 0), c
 
 
-def test_retro_cached_decoding_equals_full_forward_trained_layout(retro_trained_layout):
+@pytest.mark.parametrize("layout", ["trained", "smeared_keys"])
+def test_retro_cached_decoding_equals_full_forward_trained_layout(layout, request):
   """Token-by-token decoding with the cache (`models.init_cache`, decode=True) on the
   trained layout: the neighbours of chunk c arrive with its last token (c+1)m-1 and are
   encoded against the cached states of the middle CCA layer; the logits equal the full
   forward's, across three chunk boundaries and into a partial last chunk. One sequence
   has a chunk without neighbours and padded neighbour tails."""
-  cfg, _, params, _, _, _ = retro_trained_layout
+  cfg, _, params, _, _, _ = request.getfixturevalue(LAYOUTS[layout][0])
   m, B, L = TRAINED_M, 2, 3 * TRAINED_M + 7
   x_BxL = _tokens(30, (B, L))
   nbr_BxCxKxR = _tokens(31, (B, L // m, 2, 2 * m))
@@ -179,6 +193,36 @@ def test_retro_cached_decoding_equals_full_forward_trained_layout(retro_trained_
     cache = mutated["cache"]
     out.append(logits)
   np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_smeared_keys_equal_a_reference():
+  """`key_smear=R`: key j is (1-g) k_j + g k_{j-1} of its own group of R keys (before the
+  rotary embedding), g = sigmoid(`smear`) per head; a group's first key is its own. Checked
+  against attention written out with the smearing done by hand, at a gate other than 0.5."""
+  H, K, D, R = 2, 8, 16, 4
+  att = Attention(H, K, D, 10000.0, key_smear=R)
+  x_BxTxD = jax.random.normal(jax.random.PRNGKey(0), (2, 3, D))
+  kv_BxSxD = jax.random.normal(jax.random.PRNGKey(1), (2, 3 * R, D))
+  pos_T, pos_S = (4, 5, 6), tuple(range(R)) * 3
+  params = att.init(jax.random.PRNGKey(2), x_BxTxD, kv_BxSxD, pos_T, pos_S)["params"]
+  params["smear"] = jnp.asarray([0.7, -1.3])
+  got = att.apply({"params": params}, x_BxTxD, kv_BxSxD, pos_T, pos_S)
+
+  gate_H = jax.nn.sigmoid(params["smear"])
+  k_BxSxHxK = (kv_BxSxD @ nn.unbox(params["key"]["kernel"]).reshape(D, H * K)).reshape(
+      2, 3 * R, H, K)
+  smeared = [k_BxSxHxK[:, j] if j % R == 0 else
+             (1 - gate_H[:, None]) * k_BxSxHxK[:, j] + gate_H[:, None] * k_BxSxHxK[:, j - 1]
+             for j in range(3 * R)]
+  k_BxSxHxK = rope(jnp.stack(smeared, 1), pos_S, 10000.0)
+  q_BxTxHxK = rope((x_BxTxD @ nn.unbox(params["query"]["kernel"]).reshape(D, H * K)).reshape(
+      2, 3, H, K), pos_T, 10000.0, K ** -0.5)
+  v_BxSxHxK = (kv_BxSxD @ nn.unbox(params["value"]["kernel"]).reshape(D, H * K)).reshape(
+      2, 3 * R, H, K)
+  probs_BxHxTxS = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK), -1)
+  out_BxTxHK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK).reshape(2, 3, H * K)
+  want = out_BxTxHK @ nn.unbox(params["out"]["kernel"]).reshape(H * K, D)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_retro_partial_last_chunk(retro):

@@ -4,6 +4,7 @@ check, and the report's statistics and targets (scripts/results.py, scripts/repo
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from retrieval import datastore
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import report  # noqa: E402
 import results  # noqa: E402
+import runner as runner_lib  # noqa: E402
 
 
 def _split(docs: dict[str, list[int]], m: int = 4) -> dataset.TokenSplit:
@@ -73,8 +75,8 @@ def test_runner_trains_only_what_a_missing_evaluation_needs(tmp_path, monkeypatc
     evaluated.append(Path(workdir).name)
     return {"perplexity": 1.0}
 
-  monkeypatch.setattr(results, "train_and_evaluate", fake_train)
-  monkeypatch.setattr(results, "evaluate", fake_evaluate)
+  monkeypatch.setattr(runner_lib, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(runner_lib, "evaluate", fake_evaluate)
   runner = results.Runner(tmp_path, results.QUICK)
   runs = results.plan(runner, 0, 3e-3, 1.0, 0.1)
   runner.eval("cont/0/test", runs["cont"], split="test")
@@ -148,3 +150,19 @@ def test_report_renders_from_rows(tmp_path):
   assert "Where the gain comes from" in md and (tmp_path / "overlap_gain.png").stat().st_size
   assert "-19.41% ± 0.84" in md  # fit vs cont per seed: -20% and -18.81%
   assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "knn_sweep.png").stat().st_size
+
+
+def test_compare_runs_plots_a_metric_of_several_workdirs(tmp_path):
+  import compare_runs  # noqa: E402  (scripts/compare_runs.py)
+
+  for name, scale in (("a", 1.0), ("b", 2.0)):
+    (tmp_path / name).mkdir()
+    rows = [{"step": s, "train/loss": scale / s} for s in range(10, 110, 10)]
+    (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  steps, values = compare_runs.curve(tmp_path / "b", "train/loss")
+  np.testing.assert_allclose(values, 2.0 / steps)
+  compare_runs.main([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}", "--smooth", "2",
+                     "--out", str(tmp_path / "c.png")])
+  assert (tmp_path / "c.png").stat().st_size > 1000
+  with pytest.raises(SystemExit, match="no 'eval/perplexity'"):
+    compare_runs.curve(tmp_path / "a", "eval/perplexity")

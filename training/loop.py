@@ -35,7 +35,7 @@ import models
 from common.artifacts import atomic_write_text
 from common.errors import UserError
 from data import dataset
-from retrieval import build
+from retrieval import build, curriculum
 from training import checkpoint, flops as flops_lib, metrics as metrics_lib, refresh, sharding
 from training.lock import RunLock
 from training.stop import StopSignals
@@ -68,7 +68,7 @@ def train_batch(config: ml_collections.ConfigDict, artifacts: build.Artifacts,
   idx_B = dataset.batch_indices(split.num_sequences, config.data.batch_size, config.seed, step)
   if mesh is not None:
     idx_B = idx_B[sharding.process_rows(mesh, len(idx_B))]
-  return artifacts.batch("train", idx_B)
+  return curriculum.copy_neighbours(artifacts.batch("train", idx_B), config, step)
 
 
 def eval_batch(artifacts: build.Artifacts, split: str, idx_B: np.ndarray, score_from: int
