@@ -12,7 +12,7 @@ neighbours then take over. Training batches only: evaluation never sees its own 
 `train.copy_distractors` (every step, not only in the curriculum): that share of training
 chunks reads the neighbours of another chunk of its sequence, at least two chunks away:
 text of the same work that does not continue the query, as an unrelated datastore
-returns. Without them the neighbours of training text are always right (own text, then
+returns (sequences of 4 or more chunks). Without them the neighbours of training text are always right (own text, then
 its other edition), and the model learns to trust any neighbour: it must learn to check
 the match.
 """
@@ -48,7 +48,7 @@ def copy_neighbours(batch: dict[str, np.ndarray], config: ml_collections.ConfigD
       window_CxR = text_BxT[b, start_C[:, None] + np.arange(R)]
       noisy_CxR = (rng.random((C, R)) < t.copy_noise) & (window_CxR != 0)
       nbr_BxCxKxR[b, :, 0] = np.where(noisy_CxR, rng.integers(1, V, (C, R)), window_CxR)
-    if t.copy_distractors and C > 2:
+    if t.copy_distractors and C >= 4:  # with fewer chunks some have none 2 or more away
       swap_C = rng.random(C) < t.copy_distractors
       # another chunk at least 2 away: c + 2 .. c + C - 2 (mod C)
       other_C = (np.arange(C) + 2 + rng.integers(0, C - 3, C)) % C

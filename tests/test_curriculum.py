@@ -64,3 +64,6 @@ def test_distractors_give_a_share_of_chunks_the_neighbours_of_a_chunk_two_or_mor
       moved += src[0] != c
   assert 0.35 < moved / 320 < 0.65, moved
   assert copy_neighbours(batch, configs.load("tiny_retro"), step=0) is batch  # both off
+  short = _batch([1, 2], C=3)  # no chunk of 3 has every other chunk 2 away: left as is
+  np.testing.assert_array_equal(copy_neighbours(short, cfg, step=0)["neighbours"],
+                                short["neighbours"])
