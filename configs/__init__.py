@@ -161,8 +161,12 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   realm = saved.get("model", {}).get("realm", {})
   if "num_candidates" in realm:  # written before K lived in model.num_neighbours alone
     saved["model"]["num_neighbours"] = realm.pop("num_candidates")
-  if "model" in saved:  # written before smeared CCA keys existed: the model had none
+  if "model" in saved:  # written before smeared CCA keys or null keys: the model had none
     saved["model"].setdefault("cca_smear_keys", False)
+    saved["model"].setdefault("cca_null_kv", False)
+  train = saved.get("train", {})
+  if "copy_curriculum_steps" in train:  # written when the curriculum was a step count
+    train["copy_curriculum"] = train.pop("copy_curriculum_steps") / max(1, train["steps"])
   cfg = get_config(saved["name"]) if saved.get("name") in names() else \
       importlib.import_module("configs.base").base_config()
 

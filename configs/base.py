@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   # True: CCA keys are smeared with the previous neighbour token, so the cross-attention
   # can copy "what followed this token" from a neighbour at any offset (bench/copy_probe.py).
   m.cca_smear_keys = False
+  # True: CCA has a learned null key and value, so a chunk whose neighbours do not continue
+  # it can attend to nothing. Off: under the copy curriculum it kept the copy from forming
+  # (results/copy/README.md).
+  m.cca_null_kv = False
   # K: the datastore items retrieved per query (RETRO neighbours, REALM candidates,
   # In-Context RALM documents). The one place K is set; retrieval builds exactly K.
   m.num_neighbours = 2
@@ -132,10 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Regular expressions over "/"-joined parameter paths (e.g. "encoder", "cross_"): only
   # matching parameters are updated, the rest are frozen. Empty: all are trained.
   t.trainable = ()
-  # RETRO's copy curriculum (retrieval/curriculum.py): for this many first steps, neighbour
-  # 0 of each training chunk is the sequence's own text, shifted by up to copy_max_shift
-  # tokens with a copy_noise share of its tokens replaced. 0 = off.
-  t.copy_curriculum_steps = 0
+  # RETRO's copy curriculum (retrieval/curriculum.py): for this share of the steps (the
+  # first ones), neighbour 0 of each training chunk is the sequence's own text, shifted by
+  # up to copy_max_shift tokens with a copy_noise share of its tokens replaced. 0 = off.
+  t.copy_curriculum = 0.0
   t.copy_max_shift = 8
   t.copy_noise = 0.1
   # This share of training chunks reads another chunk's neighbours (at every step), so the

@@ -20,6 +20,6 @@ def get_config():
   c.model.cca_smear_keys = True
   c.train.init_from = "runs/baseline_small"
   c.train.trainable = ("encoder", "cross_")
-  c.train.copy_curriculum_steps = c.train.steps // 2
+  c.train.copy_curriculum = 0.5
   c.train.copy_distractors = 0.25
   return c

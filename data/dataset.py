@@ -8,7 +8,8 @@
 
 Cache layout (`<cache>/datasets/<dataset hash>/`, committed atomically with a manifest):
 `tfds/tokenized_documents/1.0.0/` (one example per document: `doc_id` Text, `tokens`
-int32[None]; read back with `builder.as_data_source()`), and per split `<split>.tokens.npy`
+int32[None], array_record shards written by `write_documents`; read back with
+`Prepared.documents`), and per split `<split>.tokens.npy`
 (int32 [T]: every document followed by EOS), `<split>.token_doc.npy` (int32 [T]: index of
 the token's document) and `<split>.doc_ids.json`. The stream does not depend on seq_len:
 sequence s is `tokens[s*L : s*L+L+1]`, so its chunks are the stream's 64-token chunks
@@ -46,44 +47,54 @@ DOCS_PER_SHARD = 512  # documents a pipeline item tokenizes
 _TFDS_RECORD = "tfds.files.json"  # the finished TFDS files' checksums (a resume verifies them)
 
 
-class TokenizedDocuments(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """One example per document: {"doc_id": Text, "tokens": int32[None]}, in corpus order.
+# The TFDS dataset: one example per document, in corpus order (`write_documents`).
+TFDS_NAME, TFDS_VERSION = "tokenized_documents", "1.0.0"
+# Variable-length int32 tokens; Tensor(shape=(None,)) rather than Sequence(int32) because
+# it decodes to one ndarray, 10x faster than Sequence's list of scalars.
+FEATURES = tfds.features.FeaturesDict({
+    "doc_id": tfds.features.Text(),
+    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+})
+SHARD_TOKENS = 1 << 26  # tokens per TFDS shard file (about 256 MB)
 
-  Building reads the packed streams of `splits` in `packed` (`pack`'s output, streamed from
-  disk); reading needs neither.
+
+def write_documents(packed: Path, splits: Sequence[str], data_dir: Path) -> Path:
+  """Writes the TFDS dataset of `splits` from their packed streams in `packed` (`pack`'s
+  output) under `data_dir`, and returns its directory (`builder_from_directory` reads it).
+
+  Each split is cut at document boundaries into array_record shards of about
+  `SHARD_TOKENS` tokens, written one document at a time from the memory-mapped stream, then
+  the metadata (`tfds.folder_dataset.write_metadata`): memory does not grow with the
+  corpus. (TFDS's builder writer holds a split in memory and spills beyond 1 GB only
+  through TensorFlow, which this project does not install.)
   """
-
-  VERSION = tfds.core.Version("1.0.0")
-  # No checksums file next to the code. (tfds' own lookup of it needs the
-  # `importlib_resources` backport for a builder inside a package.)
-  code_path = None
-
-  def __init__(self, *, packed: Path | None = None, splits: Sequence[str] = (), **kwargs):
-    self._packed = packed
-    self._splits = tuple(splits)
-    super().__init__(file_format="array_record", **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Variable-length int32 tokens; Tensor(shape=(None,)) rather than Sequence(int32)
-    # because it decodes to one ndarray, 10x faster than Sequence's list of scalars.
-    features = tfds.features.FeaturesDict({
-        "doc_id": tfds.features.Text(),
-        "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-    })
-    return tfds.core.DatasetInfo(builder=self, description="retrozoo tokenized documents",
-                                 features=features, disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download: the documents come from the packed streams
-    if self._packed is None:
-      raise RuntimeError("TokenizedDocuments needs packed= and splits= to build")
-    return {name: self._generate_examples(name) for name in self._splits}
-
-  def _generate_examples(self, name: str):
-    split = TokenSplit.load(self._packed, name, seq_len=1, chunk_size=1)
-    starts = np.searchsorted(split.token_doc, np.arange(len(split.doc_ids) + 1))
-    for i, doc_id in enumerate(split.doc_ids):  # each document's tokens without its EOS
-      yield i, {"doc_id": doc_id, "tokens": np.asarray(split.tokens[starts[i]:starts[i + 1] - 1])}
+  out = data_dir / TFDS_NAME / TFDS_VERSION
+  out.mkdir(parents=True, exist_ok=True)
+  infos = []
+  for name in splits:
+    split = TokenSplit.load(packed, name, seq_len=1, chunk_size=1)
+    D, T = len(split.doc_ids), len(split.tokens)
+    # (needles of the stream's dtype: int64 ones would make searchsorted copy the stream)
+    starts_D1 = np.searchsorted(split.token_doc, np.arange(D + 1, dtype=split.token_doc.dtype))
+    cuts = np.searchsorted(starts_D1, np.arange(1, -(-T // SHARD_TOKENS)) * SHARD_TOKENS)
+    edges = np.unique(np.concatenate([[0], cuts, [D]]))
+    template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=TFDS_NAME, split=name,
+                                             filetype_suffix="array_record")
+    lengths, size = [], 0
+    for i, (d0, d1) in enumerate(zip(edges[:-1], edges[1:])):
+      path = template.sharded_filepath(shard_index=i, num_shards=len(edges) - 1)
+      examples = ((d, FEATURES.serialize_example(  # each document without its EOS
+          {"doc_id": split.doc_ids[d], "tokens": np.asarray(
+              split.tokens[starts_D1[d]:starts_D1[d + 1] - 1])})) for d in range(d0, d1))
+      tfds.core.file_adapters.ArrayRecordFileAdapter.write_examples(path, examples)
+      lengths.append(int(d1 - d0))
+      size += path.stat().length
+    infos.append(tfds.core.SplitInfo(name=name, shard_lengths=lengths, num_bytes=size,
+                                     filename_template=template))
+  tfds.folder_dataset.write_metadata(data_dir=out, features=FEATURES, split_infos=infos,
+                                     check_data=False,
+                                     description="retrozoo tokenized documents")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +184,8 @@ class Prepared:
   def documents(self, name: str) -> Sequence[dict]:
     """Random access to the split's documents ({"doc_id": bytes, "tokens": int32[None]})."""
     self.split(name)
-    return TokenizedDocuments(data_dir=str(self.directory / "tfds")).as_data_source(split=name)
+    directory = self.directory / "tfds" / TFDS_NAME / TFDS_VERSION
+    return tfds.builder_from_directory(directory).as_data_source(split=name)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
@@ -283,13 +295,13 @@ def _build(splits: dict[str, corpora.Stream], tok: tokenizer_lib.Tokenizer,
   with artifacts.building(final) as work:
     counts = {name: pack(docs, tok, work, name) for name, docs in splits.items()}
     _drop_unverified_tfds(work)
-    builder = TokenizedDocuments(packed=work, splits=list(splits), data_dir=str(work / "tfds"))
-    builder.download_and_prepare()  # (TFDS's writer holds a split's examples in memory)
+    if not (work / _TFDS_RECORD).exists():
+      write_documents(work, list(splits), work / "tfds")
     artifacts.atomic_write_text(work / _TFDS_RECORD,
                                 json.dumps(artifacts.files_record(work / "tfds"), indent=1))
     artifacts.write_manifest(work, "dataset", inputs, hash=dataset_hash, splits=counts,
                              tokens_dtype="int32", eos_id=tok.eos_id,
-                             vocab_size=tok.vocab_size, tfds_builder=builder.name)
+                             vocab_size=tok.vocab_size, tfds_builder=TFDS_NAME)
 
 
 def pack(docs: corpora.Stream, tok: tokenizer_lib.Tokenizer, work: Path, name: str,

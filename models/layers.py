@@ -64,6 +64,8 @@ class Spec:
   loss_chunk: int = 0  # >0: the LM loss projects this many positions at a time (lm_loss)
   # RETRO: CCA keys smeared with the previous neighbour token (models.ops.Attention).
   cca_smear_keys: bool = False
+  # RETRO: a learned null key and value in CCA, so a chunk can attend to nothing.
+  cca_null_kv: bool = False
   # What the decoder returns: "logits", or "hidden" (the final norm's output; lm_loss sets it).
   head: str = "logits"
 
@@ -103,7 +105,8 @@ class Spec:
                             attention),
         options=_frozen(cfg.get(cfg.name)), attention=attention,
         loss_chunk=int(cfg.get("loss_chunk", 0)),
-        cca_smear_keys=bool(cfg.get("cca_smear_keys", False)))
+        cca_smear_keys=bool(cfg.get("cca_smear_keys", False)),
+        cca_null_kv=bool(cfg.get("cca_null_kv", False)))
 
 
 def _frozen(section: Any) -> tuple[tuple[str, Any], ...]:
@@ -139,7 +142,8 @@ class DecoderBlock(nn.Module):
       self.cross_norm = RMSNorm(s.dtype)
       self.cross_attn = attention(s.num_heads, s.head_dim, s.width, s.rope_base, dtype=s.dtype,
                                   implementation=s.attention, zero_out=s.cca_zero_init,
-                                  key_smear=s.neighbour_len if s.cca_smear_keys else 0)
+                                  key_smear=s.neighbour_len if s.cca_smear_keys else 0,
+                                  null_kv=s.cca_null_kv)
     self.mlp_norm = RMSNorm(s.dtype)
     self.mlp = _maybe_remat(Mlp, s.remat)(s.mlp_dim, dtype=s.dtype)
     self.drop = nn.Dropout(s.dropout)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import Mask, attend, attention
+from models.attention import KeyMask, Mask, attend, attention
 
 # Token positions for rotary embeddings: static and hashable (remat specialises on them).
 Positions = tuple[int, ...]
@@ -165,6 +165,12 @@ class Attention(nn.Module):
   (parameter `smear`, g = sigmoid(0) = 0.5 at initialisation). A key then carries the token
   before it, so a query can find "the token that followed my current token" in a neighbour
   at any offset, as an induction head does ("smeared keys"; Olsson et al. 2022).
+
+  `null_kv=True` (cross-attention) adds a learned null key and value per head (parameters
+  `null_key`, `null_value`, both zero at initialisation) that every query also sees, so a
+  query can attend to nothing when no key matches: RETRO's CCA can then ignore neighbours
+  that do not continue the text. The null logit is the unrotated query times the null key,
+  the same at every position; it rides on every kernel as one extra feature of q and k.
   """
   num_heads: int
   head_dim: int
@@ -175,6 +181,7 @@ class Attention(nn.Module):
   implementation: str = "auto"
   zero_out: bool = False
   key_smear: int = 0
+  null_kv: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None,
@@ -198,13 +205,17 @@ class Attention(nn.Module):
       k_BxSxHxK, v_BxSxHxK = kv_BxSx2xHxK[:, :, 0], kv_BxSx2xHxK[:, :, 1]
     if self.key_smear:
       k_BxSxHxK = self._smear(k_BxSxHxK)
-    q_BxTxHxK = rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5)
+    q_rot_BxTxHxK = rope(q_BxTxHxK, pos_T, self.rope_base, K ** -0.5)
     k_BxSxHxK = rope(k_BxSxHxK, pos_S, self.rope_base)
+    if self.null_kv:  # (then S and K grow by the null key and its features: sliced below)
+      q_rot_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask = self._with_null(
+          q_BxTxHxK, q_rot_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask)
     if decode:
-      out_BxTxHxK = self._decode(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, pos_S, mask)
+      out_BxTxHxK = self._decode(q_rot_BxTxHxK, k_BxSxHxK, v_BxSxHxK, pos_S, mask)
     else:
-      out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, self.causal,
+      out_BxTxHxK = attention(q_rot_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, self.causal,
                               self.implementation)
+    out_BxTxHxK = out_BxTxHxK[..., :K]
     wo_HKxD = Kernel((self.out_dim,), ("heads", "kv", "embed"), zero=self.zero_out,
                      name="out")((H, K))
     return dense(out_BxTxHxK, wo_HKxD, self.dtype, in_dims=2)
@@ -219,6 +230,36 @@ class Attention(nn.Module):
     prev_BxSxHxK = jnp.where(first_S[None, :, None, None], k_BxSxHxK, prev_BxSxHxK)
     gate_H = gate_H.astype(k_BxSxHxK.dtype)
     return k_BxSxHxK + gate_H[:, None] * (prev_BxSxHxK - k_BxSxHxK)
+
+  def _with_null(self, q_BxTxHxK: jax.Array, q_rot_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array,
+                 v_BxSxHxK: jax.Array, mask: Mask
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, Mask]:
+    """q, k, v and mask with the null key appended as key S (see above): q gains the null
+    logit as feature K, the null key is the unit vector of that feature, the real keys and
+    the values gain zero features (the caller drops them from the output). Features are
+    padded to a multiple of 8 (K+P), as fused GPU kernels need."""
+    B, T, H, K = q_BxTxHxK.shape
+    P = -(-(K + 1) // 8) * 8 - K
+    init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv"))
+    key_HxK = self.param("null_key", init, (H, K), jnp.float32)
+    value_HxK = self.param("null_value", init, (H, K), jnp.float32)
+    dtype = q_rot_BxTxHxK.dtype
+    logit_BxTxHx1 = jnp.einsum("bthk,hk->bth", q_BxTxHxK.astype(jnp.float32),
+                               key_HxK)[..., None] * K ** -0.5
+    features = lambda a, n: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, n)))  # noqa: E731
+    q_BxTxHxKP = jnp.concatenate([q_rot_BxTxHxK, features(logit_BxTxHx1.astype(dtype),
+                                                          P - 1)], -1)
+    unit_KP = np.eye(K + P, dtype=np.float32)[K]
+    k_Bx1xHxKP = jnp.broadcast_to(jnp.asarray(unit_KP, k_BxSxHxK.dtype), (B, 1, H, K + P))
+    k_BxS1xHxKP = jnp.concatenate([features(k_BxSxHxK, P), k_Bx1xHxKP], 1)
+    v_Bx1xHxK = jnp.broadcast_to(value_HxK.astype(v_BxSxHxK.dtype), (B, 1, H, K))
+    v_BxS1xHxKP = features(jnp.concatenate([v_BxSxHxK, v_Bx1xHxK], 1), P)
+    if isinstance(mask, KeyMask):
+      mask = KeyMask(jnp.pad(mask.valid_BxS, ((0, 0), (0, 1)), constant_values=True),
+                     mask.self_visible)
+    elif mask is not None:
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=True)
+    return q_BxTxHxKP, k_BxS1xHxKP, v_BxS1xHxKP, mask
 
   def _decode(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
               pos_S: Positions | jax.Array, mask_Bx1xTxS: jax.Array | None) -> jax.Array:

@@ -1,5 +1,5 @@
-"""The copy curriculum of RETRO training: for the first `train.copy_curriculum_steps` steps,
-neighbour 0 of every training chunk is the sequence's own text, a noisy later copy.
+"""The copy curriculum of RETRO training: for the first `train.copy_curriculum` share of
+`train.steps`, neighbour 0 of every training chunk is the sequence's own text, a noisy later copy.
 
 Chunk c's neighbour 0 becomes the L+1 tokens of its sequence (inputs, then the last
 target) from c*m + shift on (R tokens, 0 past the sequence end), with `shift` drawn per
@@ -31,7 +31,7 @@ def copy_neighbours(batch: dict[str, np.ndarray], config: ml_collections.ConfigD
   process reads it. Padding rows (index -1) are left alone.
   """
   t = config.train
-  copying = step < t.copy_curriculum_steps
+  copying = step < t.copy_curriculum * t.steps
   if not (copying or t.copy_distractors) or "neighbours" not in batch:
     return batch
   nbr_BxCxKxR = batch["neighbours"].copy()

@@ -72,11 +72,9 @@ def fit_run(runner: Runner, seed: int, lr: float, scale: float) -> Run:
   """RETRO-fitting from the baseline on the Folio of the training plays (held-out editions
   out); only the encoder and the cross-attention train, the first half of the steps under
   the copy curriculum (configs/retro_fit.py)."""
-  steps = runner.recipe.extra_steps
-  return runner.run(f"fit_x{scale:g}_s{seed}", "retro_fit", seed, lr * scale, steps, 3,
-                    baseline(runner, seed, lr),
-                    (f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True",
-                     f"train.copy_curriculum_steps={steps // 2}"))
+  return runner.run(f"fit_x{scale:g}_s{seed}", "retro_fit", seed, lr * scale,
+                    runner.recipe.extra_steps, 3, baseline(runner, seed, lr),
+                    (f"retrieval.datastore={FOLIO}", "retrieval.datastore_drop_heldout=True"))
 
 
 def warm_run(runner: Runner, label: str, config: str, seed: int, lr: float, scale: float,

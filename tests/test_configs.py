@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -108,6 +109,18 @@ def test_overrides_typed():
                                      "train.learning_rate=1", "model.cca_layers=[2,4]"])
   assert cfg.train.steps == 70 and cfg.model.dtype == "bfloat16"
   assert cfg.train.learning_rate == 1.0 and cfg.model.cca_layers == (2, 4)
+
+
+def test_saved_configs_of_older_versions_load():
+  """A run's config.json written before the null key and when the curriculum was a step
+  count (300 of 600) reads as the model it trained: no null key, the first half copying."""
+  saved = json.loads(configs.load("retro_fit").to_json())
+  del saved["model"]["cca_null_kv"]
+  del saved["train"]["copy_curriculum"]
+  saved["train"].update(steps=600, copy_curriculum_steps=300)
+  cfg = configs.from_json(json.dumps(saved))
+  assert cfg.model.cca_null_kv is False and cfg.model.cca_smear_keys is True
+  assert cfg.train.copy_curriculum == 0.5
 
 
 @pytest.mark.parametrize("override, words", [

@@ -20,7 +20,8 @@ def _batch(index_B: list[int], C: int = 3, K: int = 2, m: int = 64, R: int = 128
 
 
 def _config(steps: int, noise: float) -> configs.ml_collections.ConfigDict:
-  return configs.load("tiny_retro", [f"train.copy_curriculum_steps={steps}",
+  """The curriculum over the first `steps` of 10."""
+  return configs.load("tiny_retro", ["train.steps=10", f"train.copy_curriculum={steps / 10}",
                                      f"train.copy_noise={noise}", "train.copy_max_shift=8"])
 
 

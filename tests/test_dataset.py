@@ -66,6 +66,22 @@ def test_streams_pack_documents_with_eos(setup):
       assert prep.tokenizer.decode(segment[:-1]) == texts[part.doc_ids[k]]
 
 
+def test_tfds_documents_are_written_in_shards_of_bounded_size(setup, tmp_path, monkeypatch):
+  """With a shard budget of 200 tokens the TFDS writer cuts each split at document
+  boundaries into several array_record files, and the data source reads every document
+  back in order: a split never has to fit in memory."""
+  _, prep = setup
+  monkeypatch.setattr(dataset, "SHARD_TOKENS", 200)
+  out = dataset.write_documents(prep.directory, prep.names, tmp_path)
+  assert len(list(out.glob("*-train.array_record-*"))) > 1
+  source = dataset.tfds.builder_from_directory(out).as_data_source(split="train")
+  part = prep.train
+  assert len(source) == len(part.doc_ids)
+  for k, doc_id in enumerate(part.doc_ids):
+    assert source[k]["doc_id"].decode() == doc_id
+    np.testing.assert_array_equal(source[k]["tokens"], part.tokens[part.token_doc == k][:-1])
+
+
 def test_batches_and_chunks_line_up(setup):
   _, prep = setup
   part, L = prep.train, prep.train.seq_len

@@ -13,6 +13,7 @@ import configs
 import models
 from common.errors import UserError
 from models import knnlm
+from models.attention import KeyMask
 from models.ops import Attention, rope
 from models.retro import Retro
 from models.transformer import Transformer
@@ -66,14 +67,16 @@ def retro():
 TRAINED_M = 16  # chunk size of the trained-layout model below
 
 
-def _trained_layout(smear_keys: bool):
+def _trained_layout(copy_recipe: bool):
   """RETRO with the layout of the trained configs (bench_small, retro_small): 6 decoder
   layers, CCA in layers 3 and 6, so the encoder reads the decoder states of a middle layer
-  and later layers carry the neighbours' influence on. Tiny widths, m=16, 4 chunks."""
+  and later layers carry the neighbours' influence on. Tiny widths, m=16, 4 chunks.
+  `copy_recipe`: with retro_fit's CCA (smeared keys and a null key and value)."""
   m = TRAINED_M
   cfg = configs.load("tiny_retro", ["model.num_layers=6", "model.cca_layers=(3,6)",
                                     f"model.chunk_size={m}", f"model.neighbour_len={2 * m}",
-                                    f"model.cca_smear_keys={smear_keys}"]).model
+                                    f"model.cca_smear_keys={copy_recipe}",
+                                    f"model.cca_null_kv={copy_recipe}"]).model
   inputs_BxL = _tokens(20, (1, 4 * m))
   nbr_BxCxKxR = _tokens(21, (1, 4, 2, 2 * m)).at[..., 2 * m - 5:].set(0)  # padded tails
   model = Retro(cfg)
@@ -88,13 +91,14 @@ def retro_trained_layout():
 
 
 @pytest.fixture(scope="module")
-def retro_smeared_keys():
-  """The trained layout with smeared CCA keys (`model.cca_smear_keys`)."""
+def retro_copy_recipe():
+  """The trained layout with smeared CCA keys and a null key (`model.cca_smear_keys`,
+  `model.cca_null_kv`), both non-trivial (random parameters)."""
   return _trained_layout(True)
 
 
 LAYOUTS = {"tiny": ("retro", M), "trained": ("retro_trained_layout", TRAINED_M),
-           "smeared_keys": ("retro_smeared_keys", TRAINED_M)}
+           "copy_recipe": ("retro_copy_recipe", TRAINED_M)}
 
 
 def _changed_positions(a_BxLxV: jax.Array, b_BxLxV: jax.Array) -> np.ndarray:
@@ -168,7 +172,7 @@ def test_retro_causality_by_gradients(layout, request):
     assert np.all(nbr_TxCxKxR[reach:, c] == 0), c
 
 
-@pytest.mark.parametrize("layout", ["trained", "smeared_keys"])
+@pytest.mark.parametrize("layout", ["trained", "copy_recipe"])
 def test_retro_cached_decoding_equals_full_forward_trained_layout(layout, request):
   """Token-by-token decoding with the cache (`models.init_cache`, decode=True) on the
   trained layout: the neighbours of chunk c arrive with its last token (c+1)m-1 and are
@@ -195,31 +199,45 @@ def test_retro_cached_decoding_equals_full_forward_trained_layout(layout, reques
   np.testing.assert_allclose(jnp.concatenate(out, axis=1), full, atol=1e-5, rtol=0)
 
 
-def test_smeared_keys_equal_a_reference():
+@pytest.mark.parametrize("null_kv", [False, True])
+def test_cca_keys_equal_a_reference(null_kv):
   """`key_smear=R`: key j is (1-g) k_j + g k_{j-1} of its own group of R keys (before the
-  rotary embedding), g = sigmoid(`smear`) per head; a group's first key is its own. Checked
-  against attention written out with the smearing done by hand, at a gate other than 0.5."""
+  rotary embedding), g = sigmoid(`smear`) per head; a group's first key is its own. With
+  `null_kv`, every query also sees a null key whose logit is the unrotated query times
+  `null_key` (scaled by 1/sqrt(K)), with value `null_value`. Checked against attention
+  written out by hand, at gates other than 0.5, non-zero null parameters and a key mask."""
   H, K, D, R = 2, 8, 16, 4
-  att = Attention(H, K, D, 10000.0, key_smear=R)
+  att = Attention(H, K, D, 10000.0, key_smear=R, null_kv=null_kv)
   x_BxTxD = jax.random.normal(jax.random.PRNGKey(0), (2, 3, D))
   kv_BxSxD = jax.random.normal(jax.random.PRNGKey(1), (2, 3 * R, D))
+  valid_BxS = jnp.arange(3 * R)[None, :] < jnp.asarray([[3 * R], [R + 2]])
   pos_T, pos_S = (4, 5, 6), tuple(range(R)) * 3
   params = att.init(jax.random.PRNGKey(2), x_BxTxD, kv_BxSxD, pos_T, pos_S)["params"]
   params["smear"] = jnp.asarray([0.7, -1.3])
-  got = att.apply({"params": params}, x_BxTxD, kv_BxSxD, pos_T, pos_S)
+  if null_kv:
+    params["null_key"] = 2.0 * jax.random.normal(jax.random.PRNGKey(3), (H, K))
+    params["null_value"] = jax.random.normal(jax.random.PRNGKey(4), (H, K))
+  got = att.apply({"params": params}, x_BxTxD, kv_BxSxD, pos_T, pos_S, KeyMask(valid_BxS))
 
+  project = lambda x, name: (x @ nn.unbox(params[name]["kernel"]).reshape(D, H * K)).reshape(
+      *x.shape[:2], H, K)  # noqa: E731
   gate_H = jax.nn.sigmoid(params["smear"])
-  k_BxSxHxK = (kv_BxSxD @ nn.unbox(params["key"]["kernel"]).reshape(D, H * K)).reshape(
-      2, 3 * R, H, K)
+  k_BxSxHxK = project(kv_BxSxD, "key")
   smeared = [k_BxSxHxK[:, j] if j % R == 0 else
              (1 - gate_H[:, None]) * k_BxSxHxK[:, j] + gate_H[:, None] * k_BxSxHxK[:, j - 1]
              for j in range(3 * R)]
   k_BxSxHxK = rope(jnp.stack(smeared, 1), pos_S, 10000.0)
-  q_BxTxHxK = rope((x_BxTxD @ nn.unbox(params["query"]["kernel"]).reshape(D, H * K)).reshape(
-      2, 3, H, K), pos_T, 10000.0, K ** -0.5)
-  v_BxSxHxK = (kv_BxSxD @ nn.unbox(params["value"]["kernel"]).reshape(D, H * K)).reshape(
-      2, 3 * R, H, K)
-  probs_BxHxTxS = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK), -1)
+  q_BxTxHxK = project(x_BxTxD, "query")
+  v_BxSxHxK = project(kv_BxSxD, "value")
+  logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", rope(q_BxTxHxK, pos_T, 10000.0, K ** -0.5),
+                              k_BxSxHxK)
+  logits_BxHxTxS = jnp.where(valid_BxS[:, None, None], logits_BxHxTxS, -jnp.inf)
+  if null_kv:
+    null_BxHxTx1 = jnp.einsum("bthk,hk->bht", q_BxTxHxK, params["null_key"])[..., None]
+    logits_BxHxTxS = jnp.concatenate([logits_BxHxTxS, null_BxHxTx1 * K ** -0.5], -1)
+    v_BxSxHxK = jnp.concatenate(
+        [v_BxSxHxK, jnp.broadcast_to(params["null_value"], (2, 1, H, K))], 1)
+  probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, -1)
   out_BxTxHK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK).reshape(2, 3, H * K)
   want = out_BxTxHK @ nn.unbox(params["out"]["kernel"]).reshape(H * K, D)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

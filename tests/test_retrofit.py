@@ -32,7 +32,7 @@ def test_retrofitted_retro_with_retrieval_off_is_exactly_its_baseline(tmp_path):
   fit = configs.load("tiny_retro", [*overrides, *STEPS, f"train.init_from={tmp_path / 'base'}",
                                     "train.trainable=['encoder', 'cross_']",
                                     # retro_fit's recipe: smeared keys, copy curriculum
-                                    "model.cca_smear_keys=True", "train.copy_curriculum_steps=2"])
+                                    "model.cca_smear_keys=True", "train.copy_curriculum=0.5"])
   final = train.train_and_evaluate(fit, str(tmp_path / "fit"))
   _, base = train.load_checkpoint(tmp_path / "base")
   _, early = train.load_checkpoint(tmp_path / "fit", step=2)
