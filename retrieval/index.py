@@ -180,6 +180,25 @@ def build_index(vectors: np.ndarray, metric: str = "ip", spec: str = "auto",
   return index
 
 
+def sample_recall(index: faiss.Index, vectors: np.ndarray, metric: str, k: int,
+                  queries: int = 1000, seed: int = 0) -> float:
+  """recall@k of `index` over `vectors` (what it holds, any float array or memmap): for
+  `queries` of the vectors themselves, drawn with `seed`, the share of their exact k nearest
+  (a blockwise exact search) that the index returns. 1.0 for an exact index."""
+  n = len(vectors)
+  q_QxD = np.ascontiguousarray(vectors[np.sort(np.random.default_rng(seed).choice(
+      n, size=min(queries, n), replace=False))], dtype=np.float32)
+  k = min(k, n)
+  heap = faiss.ResultHeap(len(q_QxD), k, keep_max=metric == "ip")
+  for s in range(0, n, _ADD_BATCH):
+    block = np.ascontiguousarray(vectors[s:s + _ADD_BATCH], dtype=np.float32)
+    dists, ids = faiss.knn(q_QxD, block, k, METRICS[metric])
+    heap.add_result(dists, np.where(ids >= 0, ids + s, -1))
+  heap.finalize()
+  _, got_QxK = index.search(q_QxD, k)
+  return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got_QxK, heap.I)]))
+
+
 def refill(trained: faiss.Index, vectors: np.ndarray, nprobe: int = NPROBE,
            ef_search: int = EF_SEARCH, start: int = 0) -> faiss.Index:
   """A copy of `trained` holding `vectors`: its trained parts (IVF centroids, PQ codebooks)

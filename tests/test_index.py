@@ -63,6 +63,22 @@ def test_ivfpq_recall_against_exact(metric, min_recall):
   assert recall_at(ids, true_ids) >= min_recall
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_sample_recall_equals_a_brute_force_count(metric, monkeypatch):
+  """`sample_recall` (exact search in blocks: here 700 vectors, so ids carry block offsets)
+  equals recall@k counted against numpy's exact top k for the same sampled queries: 1 for
+  Flat, the same fraction for an IVF-PQ that misses some."""
+  monkeypatch.setattr(rindex, "_ADD_BATCH", 700)
+  x = clustered(3000, 32, seed=3)
+  q = x[np.sort(np.random.default_rng(5).choice(3000, size=200, replace=False))]
+  _, true_ids = brute_force(x, q, 8, metric)
+  assert rindex.sample_recall(rindex.build_index(x, metric, "Flat"), x, metric, 8, 200, 5) == 1.0
+  ivf = rindex.build_index(x, metric, "IVF32,PQ4", nprobe=1)
+  want = recall_at(ivf.search(q, 8)[1], true_ids)
+  assert 0.0 < want < 1.0
+  assert rindex.sample_recall(ivf, x, metric, 8, 200, 5) == pytest.approx(want)
+
+
 def test_refined_ivfpq_recall_and_exact_distances():
   """Fast-scan PQ candidates re-ranked against the stored vectors: high recall, and the
   distances returned are the exact inner products of the ids returned."""

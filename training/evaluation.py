@@ -313,6 +313,8 @@ def knn_evaluate(config: ml_collections.ConfigDict, params: Any,
             "perplexity_exact": ppl(lam, "exact")} for lam in LAMBDAS]
   best = min(sweep, key=lambda r: r[f"perplexity_{which}"])
   out = {**settings, "datastore_size": int(store.keys.shape[0]),
+         "index": store.manifest["index_spec"],
+         "index_recall": store.manifest.get("recall_at_k"),  # measured when it was built
          "perplexity": ppl(float(settings["lam"]), which),
          "lm_perplexity": ppl(0.0, which), "best_lam": best["lam"],
          "best_perplexity": best[f"perplexity_{which}"], "sweep": sweep}
