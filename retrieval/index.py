@@ -184,7 +184,8 @@ def sample_recall(index: faiss.Index, vectors: np.ndarray, metric: str, k: int,
                   queries: int = 1000, seed: int = 0) -> float:
   """recall@k of `index` over `vectors` (what it holds, any float array or memmap): for
   `queries` of the vectors themselves, drawn with `seed`, the share of their exact k nearest
-  (a blockwise exact search) that the index returns. 1.0 for an exact index."""
+  (a blockwise exact search) that the index returns. 1.0 for an exact index (up to ties
+  between equally distant vectors)."""
   n = len(vectors)
   q_QxD = np.ascontiguousarray(vectors[np.sort(np.random.default_rng(seed).choice(
       n, size=min(queries, n), replace=False))], dtype=np.float32)
