@@ -74,8 +74,7 @@ def write_documents(packed: Path, splits: Sequence[str], data_dir: Path) -> Path
   for name in splits:
     split = TokenSplit.load(packed, name, seq_len=1, chunk_size=1)
     D, T = len(split.doc_ids), len(split.tokens)
-    # (needles of the stream's dtype: int64 ones would make searchsorted copy the stream)
-    starts_D1 = np.searchsorted(split.token_doc, np.arange(D + 1, dtype=split.token_doc.dtype))
+    starts_D1 = split.doc_starts()
     cuts = np.searchsorted(starts_D1, np.arange(1, -(-T // SHARD_TOKENS)) * SHARD_TOKENS)
     edges = np.unique(np.concatenate([[0], cuts, [D]]))
     template = tfds.core.ShardedFileTemplate(data_dir=out, dataset_name=TFDS_NAME, split=name,
@@ -137,6 +136,12 @@ class TokenSplit:
     """int32 [N, m]: chunk n is tokens[n*m : (n+1)*m] (a view of the memmap)."""
     n, m = self.num_chunks, self.chunk_size
     return self.tokens[:n * m].reshape(n, m)
+
+  def doc_starts(self) -> np.ndarray:
+    """int64 [D+1]: where each document starts in the stream, then the stream's length.
+    (Needles of the stream's dtype: int64 ones would make searchsorted copy the stream.)"""
+    return np.searchsorted(self.token_doc,
+                           np.arange(len(self.doc_ids) + 1, dtype=self.token_doc.dtype))
 
   def chunk_doc(self) -> np.ndarray:
     """int32 [N]: the document index of each chunk's first token."""

@@ -35,8 +35,7 @@ class ChunkStore:
     self.m = split.chunk_size
     self.align = config.retrieval.align_neighbours
     self.chunk_doc_N = np.asarray(split.chunk_doc())
-    self.doc_start_D = np.searchsorted(
-        split.token_doc, np.arange(len(split.doc_ids), dtype=split.token_doc.dtype))
+    self.doc_start_D = split.doc_starts()[:-1]
 
   def search(self, chunks_Bxm: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [B, k] (-1 = none), distances [B, k]) of the chunks nearest to each row."""
@@ -98,8 +97,7 @@ class KnnStore:
       raise UserError(f"the kNN-LM datastore {store.directory} has {store.keys.shape[0]} "
                       f"entries but the {split.name} split has {len(self.position_E)} targets; "
                       f"delete {store.directory} to rebuild it")
-    self.doc_start_D = np.searchsorted(
-        split.token_doc, np.arange(len(split.doc_ids), dtype=split.token_doc.dtype))
+    self.doc_start_D = split.doc_starts()[:-1]
 
   def neighbour(self, entry: int, distance: float, weight: float) -> Neighbour:
     q = int(self.position_E[entry])
